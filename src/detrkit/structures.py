@@ -1,0 +1,168 @@
+"""The typed values that flow between data, model, criterion and post-processing.
+
+Conventions used everywhere in detrkit:
+
+* ``boxes_cxcywh``: ``(cx, cy, w, h)`` normalised to ``[0, 1]`` by the *unpadded* image size.
+* ``boxes_xyxy``: ``(x0, y0, x1, y1)``; absolute pixels unless the name or docstring says otherwise.
+* padding masks are bool with ``True`` on padding pixels / tokens.
+* class labels are contiguous indices ``0 .. num_classes-1``; :class:`LabelMap` maps them back
+  to the dataset's category ids and names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["ImageBatch", "Target", "LayerOutput", "DenoisingOutput", "DetectorOutput",
+           "Detections", "LabelMap"]
+
+
+@dataclass
+class ImageBatch:
+    """A padded batch of normalised images.
+
+    images: ``[B, 3, H, W]`` float, already normalised, each image in the top-left corner.
+    mask: ``[B, H, W]`` bool, ``True`` on padding.
+    sizes: ``[B, 2]`` int64 ``(h, w)`` of each image inside the padded batch.
+    orig_sizes: ``[B, 2]`` int64 ``(h, w)`` of each image as read from disk (for post-processing).
+    """
+
+    images: Tensor
+    mask: Tensor
+    sizes: Tensor
+    orig_sizes: Tensor
+
+    def to(self, device: torch.device | str) -> "ImageBatch":
+        return ImageBatch(
+            self.images.to(device, non_blocking=True),
+            self.mask.to(device, non_blocking=True),
+            self.sizes.to(device),
+            self.orig_sizes.to(device),
+        )
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+@dataclass
+class Target:
+    """Ground truth of one image, in the frame of the (transformed, unpadded) image.
+
+    boxes: ``[N, 4]`` float normalised cxcywh. labels: ``[N]`` int64 contiguous class indices.
+    image_id: the dataset's image id. size / orig_size: ``(h, w)`` after / before transforms.
+    """
+
+    boxes: Tensor
+    labels: Tensor
+    image_id: int = -1
+    size: tuple[int, int] = (0, 0)
+    orig_size: tuple[int, int] = (0, 0)
+
+    def to(self, device: torch.device | str) -> "Target":
+        return Target(self.boxes.to(device), self.labels.to(device), self.image_id,
+                      self.size, self.orig_size)
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+
+@dataclass
+class LayerOutput:
+    """Predictions of one decoder layer (or of the encoder proposals).
+
+    logits: ``[B, Q, C]`` (softmax models: ``C = num_classes + 1``, last = "no object";
+    sigmoid models: ``C = num_classes``). boxes: ``[B, Q, 4]`` normalised cxcywh in ``[0, 1]``.
+    """
+
+    logits: Tensor
+    boxes: Tensor
+
+
+@dataclass
+class DenoisingOutput:
+    """Outputs of the denoising queries (training only) and what is needed to supervise them.
+
+    layers: one :class:`LayerOutput` per decoder layer (last = final layer), ``[B, pad, C]``.
+    meta: free-form description of the groups, produced by ``models.denoising``.
+    """
+
+    layers: list[LayerOutput]
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class DetectorOutput:
+    """What :class:`detrkit.models.Detector` returns.
+
+    logits / boxes: the last decoder layer (see :class:`LayerOutput` for shapes).
+    aux: one :class:`LayerOutput` per earlier decoder layer, first layer first.
+    enc: encoder (two-stage) proposals, when the model has them.
+    dn: denoising outputs, in training with denoising only.
+    """
+
+    logits: Tensor
+    boxes: Tensor
+    aux: list[LayerOutput] = field(default_factory=list)
+    enc: LayerOutput | None = None
+    dn: DenoisingOutput | None = None
+
+    @property
+    def final(self) -> LayerOutput:
+        return LayerOutput(self.logits, self.boxes)
+
+
+@dataclass
+class Detections:
+    """Post-processed detections of one image.
+
+    boxes_xyxy: ``[K, 4]`` absolute pixels in the target size. scores: ``[K]``.
+    labels: ``[K]`` contiguous class indices. query_index: ``[K]`` the query each came from.
+    """
+
+    boxes_xyxy: Tensor
+    scores: Tensor
+    labels: Tensor
+    query_index: Tensor
+
+    def __len__(self) -> int:
+        return self.scores.shape[0]
+
+    def filter(self, threshold: float) -> "Detections":
+        keep = self.scores >= threshold
+        return Detections(self.boxes_xyxy[keep], self.scores[keep], self.labels[keep],
+                          self.query_index[keep])
+
+
+@dataclass
+class LabelMap:
+    """Contiguous class index -> dataset category id -> name.
+
+    ``category_ids[i]`` and ``names[i]`` describe class index ``i``.
+    """
+
+    category_ids: list[int]
+    names: list[str]
+
+    def __post_init__(self) -> None:
+        if len(self.category_ids) != len(self.names):
+            raise ValueError("LabelMap: category_ids and names differ in length")
+
+    def __len__(self) -> int:
+        return len(self.category_ids)
+
+    def name(self, index: int) -> str:
+        return self.names[index] if 0 <= index < len(self.names) else f"class_{index}"
+
+    def to_json(self) -> dict:
+        return {"category_ids": list(self.category_ids), "names": list(self.names)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LabelMap":
+        return cls([int(i) for i in data["category_ids"]], [str(n) for n in data["names"]])
+
+    @classmethod
+    def default(cls, num_classes: int) -> "LabelMap":
+        return cls(list(range(num_classes)), [f"class_{i}" for i in range(num_classes)])
