@@ -100,6 +100,9 @@ class QueryConfig:
     # proposals give boxes and queries. mixed: top-k proposals give anchors, content is learned (DINO).
     kind: Literal["learned", "reference_points", "anchors", "two_stage", "mixed"] = "learned"
     box_update: Literal["none", "refine", "look_forward_twice"] = "none"
+    # two_stage: never pick padding / out-of-range encoder tokens as proposals while enough
+    # valid ones exist. false = the official Deformable DETR ranking (every token by score).
+    select_valid_proposals: bool = True
 
 
 @dataclass
@@ -205,6 +208,9 @@ class TrainConfig:
     batch_size: int = 2
     lr: float = 1e-4
     lr_backbone: float = 1e-5
+    # learning-rate factor of the deformable sampling_offsets / reference_points projections
+    # (Deformable DETR: 0.1)
+    lr_linear_proj_mult: float = 1.0
     weight_decay: float = 1e-4
     lr_drop: int = 40  # epoch after which the learning rate is multiplied by lr_gamma
     lr_gamma: float = 0.1

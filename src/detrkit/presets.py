@@ -95,3 +95,102 @@ def test_detr_tiny() -> Config:
     cfg.model.num_classes = 4
     cfg.model.transformer.dropout = 0.0
     return _tiny_data(cfg)
+
+
+# ----------------------------------------------------------------------------- Deformable DETR
+
+
+def _deformable(num_feature_levels: int = 4, dilation: bool = False,
+                query_kind: str = "reference_points", box_update: str = "none",
+                backbone: str = "resnet50") -> Config:
+    """Deformable DETR (Zhu et al., 2021) at the fundamentalvision/Deformable-DETR defaults
+    (50 epochs, learning rate drop after 40, batch size 2 per GPU)."""
+    cfg = Config()
+    m, t, q = cfg.model, cfg.model.transformer, cfg.model.queries
+    m.backbone.name = backbone  # type: ignore[assignment]
+    m.backbone.dilation = dilation
+    m.class_activation = "sigmoid"
+    m.position.offset = 0.5
+    t.attention = "deformable"
+    t.num_feature_levels = num_feature_levels
+    t.enc_n_points = t.dec_n_points = 4
+    t.dim_feedforward = 1024
+    t.dropout = 0.1
+    q.num_queries = 300
+    q.kind = query_kind  # type: ignore[assignment]
+    q.box_update = box_update  # type: ignore[assignment]
+    loss = cfg.loss
+    loss.class_loss = "focal"
+    loss.class_weight, loss.bbox_weight, loss.giou_weight = 2.0, 5.0, 2.0
+    loss.matcher.cost_class, loss.matcher.cost_bbox, loss.matcher.cost_giou = 2.0, 5.0, 2.0
+    cfg.postprocess.num_select = 100
+    tr = cfg.train
+    tr.lr, tr.lr_backbone, tr.lr_linear_proj_mult = 2e-4, 2e-5, 0.1
+    tr.epochs, tr.lr_drop, tr.batch_size = 50, 40, 2
+    return cfg
+
+
+@register
+def deformable_detr_r50() -> Config:
+    """Multi-scale (C3-C5 + one extra level) Deformable DETR."""
+    return _deformable(4)
+
+
+@register
+def deformable_detr_r50_single_scale() -> Config:
+    """Single-scale Deformable DETR: C5 only."""
+    return _deformable(1)
+
+
+@register
+def deformable_detr_r50_single_scale_dc5() -> Config:
+    """Single-scale Deformable DETR on a dilated C5 (stride 16)."""
+    return _deformable(1, dilation=True)
+
+
+@register
+def deformable_detr_r50_refine() -> Config:
+    """Deformable DETR with iterative bounding box refinement."""
+    return _deformable(4, box_update="refine")
+
+
+@register
+def deformable_detr_r50_two_stage() -> Config:
+    """Two-stage Deformable DETR with iterative bounding box refinement."""
+    return _deformable(4, query_kind="two_stage", box_update="refine")
+
+
+def _tiny_deformable(query_kind: str = "reference_points", box_update: str = "none",
+                     num_feature_levels: int = 4) -> Config:
+    """Deformable DETR on a ResNet-18 (C3-C5: 128/256/512 channels) with a 2+2-layer,
+    64-wide transformer, on the synthetic shapes data."""
+    cfg = _deformable(num_feature_levels, query_kind=query_kind, box_update=box_update,
+                      backbone="resnet18")
+    t = cfg.model.transformer
+    t.hidden_dim, t.nheads, t.enc_layers, t.dec_layers, t.dim_feedforward = 64, 4, 2, 2, 128
+    t.dropout = 0.0
+    cfg.model.queries.num_queries = 30  # 30 queries x 4 classes >= the 100 selected detections
+    cfg.model.num_classes = 4
+    cfg = _tiny_data(cfg)
+    cfg.train.lr_linear_proj_mult = 0.1
+    return cfg
+
+
+@register
+def test_deformable_detr_tiny() -> Config:
+    return _tiny_deformable()
+
+
+@register
+def test_deformable_detr_tiny_single_scale() -> Config:
+    return _tiny_deformable(num_feature_levels=1)
+
+
+@register
+def test_deformable_detr_tiny_refine() -> Config:
+    return _tiny_deformable(box_update="refine")
+
+
+@register
+def test_deformable_detr_tiny_two_stage() -> Config:
+    return _tiny_deformable(query_kind="two_stage", box_update="refine")

@@ -1,0 +1,263 @@
+"""fundamentalvision/Deformable-DETR checkpoints (``models.deformable_detr.DeformableDETR``).
+
+Official layout -> detrkit layout (``L`` = decoder layers)::
+
+    backbone.0.body.*                         -> backbone.body.*
+    backbone.1.{row,col}_embed.* (learned)    -> position.{row,col}_embed.*
+    input_proj.{i}.{0,1}.*                    -> neck.layers.{i}.{0,1}.*
+    transformer.level_embed / encoder.* / decoder.layers.* / reference_points.*
+                                              -> the same names
+    transformer.{enc_output,enc_output_norm,pos_trans,pos_trans_norm}.*
+                                              -> transformer.two_stage_queries.*
+    query_embed.*                             -> transformer.query_embed.*
+    class_embed.{i}.* / bbox_embed.{i}.*      -> transformer.class_embed.{i}.* / bbox_embed.{i}.*
+    class_embed.{L}.* / bbox_embed.{L}.*      -> transformer.enc_class_embed.* / enc_bbox_embed.*
+                                                 (two-stage with refinement: the encoder heads)
+
+Alias keys (the official model registers one module under several names; a ``.pth`` holds
+every name): without refinement ``class_embed.{1..}`` / ``bbox_embed.{1..}`` repeat ``.0``;
+with refinement ``transformer.decoder.bbox_embed.{i}`` is ``bbox_embed.{i}``; with two-stage
+``transformer.decoder.class_embed.{i}`` is ``class_embed.{i}``. They are checked to hold the
+same values and dropped; :func:`to_official` writes them back.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+from torch import Tensor
+
+from detrkit.config import Config, PositionConfig
+from detrkit.convert.keymap import (BACKBONE_RULES, LEARNED_POSITION_RULES,
+                                    MULTI_LEVEL_NECK_RULES, ConversionError, KeyRule,
+                                    drop_aliases, rename)
+from detrkit.convert.official import (Args, FamilyConverter, State, arg, backbone_config,
+                                      count_indices, need, resolve_num_classes)
+from detrkit.presets import get_preset
+
+__all__ = ["rules", "aliases", "to_config", "from_official", "to_official", "CONVERTER"]
+
+_TWO_STAGE_PARTS = ("enc_output", "enc_output_norm", "pos_trans", "pos_trans_norm")
+
+
+def _layout(cfg: Config) -> tuple[int, bool, bool]:
+    """``(decoder layers, refine, two_stage)`` of a Deformable DETR config."""
+    q = cfg.model.queries
+    return cfg.model.transformer.dec_layers, q.box_update == "refine", q.kind == "two_stage"
+
+
+def rules(cfg: Config) -> tuple[KeyRule, ...]:
+    """Official <-> detrkit key rules of the model described by ``cfg`` (aliases excluded)."""
+    dec_layers, refine, two_stage = _layout(cfg)
+    out = BACKBONE_RULES + LEARNED_POSITION_RULES + MULTI_LEVEL_NECK_RULES + (
+        KeyRule("transformer.level_embed", "transformer.level_embed"),
+        KeyRule("transformer.encoder.", "transformer.encoder."),
+        KeyRule("transformer.decoder.layers.", "transformer.decoder.layers."),
+        KeyRule("transformer.reference_points.", "transformer.reference_points."),
+        KeyRule("query_embed.", "transformer.query_embed."),
+    )
+    out += tuple(KeyRule(f"transformer.{p}.", f"transformer.two_stage_queries.{p}.")
+                 for p in _TWO_STAGE_PARTS)
+    if two_stage and refine:
+        out += (KeyRule(f"class_embed.{dec_layers}.", "transformer.enc_class_embed."),
+                KeyRule(f"bbox_embed.{dec_layers}.", "transformer.enc_bbox_embed."))
+    return out + (KeyRule("class_embed.{n}.", "transformer.class_embed.{n}."),
+                  KeyRule("bbox_embed.{n}.", "transformer.bbox_embed.{n}."))
+
+
+def aliases(cfg: Config, state: State) -> dict[str, str]:
+    """Alias key -> canonical key (official names) for the tensors of ``state``."""
+    dec_layers, refine, two_stage = _layout(cfg)
+    num_pred = dec_layers + 1 if two_stage else dec_layers
+    prefixes: list[tuple[str, str]] = []  # (alias prefix, canonical prefix)
+    for head in ("class_embed", "bbox_embed"):
+        for i in range(num_pred):
+            canonical = f"{head}.{i if refine else 0}."
+            if i > 0 and not refine:
+                prefixes.append((f"{head}.{i}.", canonical))
+            if (head == "bbox_embed" and refine) or (head == "class_embed" and two_stage):
+                prefixes.append((f"transformer.decoder.{head}.{i}.", canonical))
+    out: dict[str, str] = {}
+    for key in state:
+        for alias, canonical in prefixes:
+            if key.startswith(alias):
+                out[key] = canonical + key[len(alias):]
+                break
+    return out
+
+
+def _pick(args: Args, name: str, infer: Callable[[], Any]) -> Any:
+    value = arg(args, name)
+    return infer() if value is None else value
+
+
+def _assume(name: str, value: Any) -> Any:
+    warnings.warn(f"official args: '{name}' cannot be inferred from the weights; assuming "
+                  f"{value}. Pass official_args={{'{name}': ...}} if that is wrong", stacklevel=4)
+    return value
+
+
+def _position(args: Args, state: State) -> PositionConfig:
+    value = arg(args, "position_embedding")
+    if value is None:
+        value = "learned" if "backbone.1.row_embed.weight" in state else "sine"
+    if value in ("sine", "v2"):
+        return PositionConfig(kind="sine", offset=0.5)
+    if value in ("learned", "v3"):
+        return PositionConfig(kind="learned")
+    raise ConversionError(f"official args: position_embedding '{value}' is not supported "
+                          "(sine/v2 or learned/v3)")
+
+
+def _refine(state: State) -> bool:
+    """Box refinement from the weights: the decoder's alias of the box heads, else distinct
+    per-layer heads."""
+    if any(k.startswith("transformer.decoder.bbox_embed.") for k in state):
+        return True
+    key = "bbox_embed.{}.layers.0.weight"
+    if key.format(0) in state and key.format(1) in state:
+        return not bool((state[key.format(0)] == state[key.format(1)]).all())
+    return False
+
+
+def _heads_and_points(args: Args, state: State, levels: int) -> tuple[int, int, int]:
+    """``(nheads, enc_n_points, dec_n_points)`` from the args; the attention-weight shapes
+    (``heads * levels * points`` rows) give whichever of them is missing."""
+    nheads, enc_points, dec_points = (arg(args, k) for k in ("nheads", "enc_n_points",
+                                                              "dec_n_points"))
+
+    def rows(part: str) -> int | None:
+        key = f"transformer.{part}.layers.0.{'self' if part == 'encoder' else 'cross'}_attn." \
+              "attention_weights.weight"
+        return int(state[key].shape[0]) if key in state else None
+
+    enc_rows, dec_rows = rows("encoder"), rows("decoder")
+    if nheads is None:
+        if enc_points is not None and enc_rows is not None:
+            nheads = enc_rows // (levels * int(enc_points))
+        elif dec_points is not None and dec_rows is not None:
+            nheads = dec_rows // (levels * int(dec_points))
+        else:
+            nheads = _assume("nheads", 8)
+
+    def points(given: Any, found: int | None, name: str) -> int:
+        if given is not None:
+            return int(given)
+        if found is None:
+            return int(_assume(name, 4))
+        if found % (levels * int(nheads)) != 0:
+            raise ConversionError(f"official args: {name} cannot be inferred: {found} attention "
+                                  f"weights are not a multiple of nheads*levels="
+                                  f"{int(nheads) * levels}; pass nheads and {name}")
+        return found // (levels * int(nheads))
+
+    return (int(nheads), points(enc_points, enc_rows, "enc_n_points"),
+            points(dec_points, dec_rows, "dec_n_points"))
+
+
+def to_config(args: Args, state: State) -> Config:
+    """Deformable DETR arguments (possibly partial) + weights -> detrkit config.
+
+    Every value comes from ``args`` when present, otherwise from the tensor shapes (levels and
+    width from ``transformer.level_embed``, layers by counting, FFN width, queries, classes,
+    heads/points from the attention-weight shapes, refinement and two-stage from the key set).
+    """
+    if arg(args, "masks"):
+        raise ConversionError("official args: masks=True (segmentation) is not supported")
+    cfg = get_preset("deformable_detr_r50")
+    m, t, q = cfg.model, cfg.model.transformer, cfg.model.queries
+    m.backbone = backbone_config(args, state)
+    m.position = _position(args, state)
+
+    def level_embed(dim: int) -> Callable[[], int]:
+        return lambda: int(need(state, "transformer.level_embed",
+                                "hidden_dim/num_feature_levels").shape[dim])
+
+    t.hidden_dim = int(_pick(args, "hidden_dim", level_embed(1)))
+    t.num_feature_levels = int(_pick(args, "num_feature_levels", level_embed(0)))
+    if t.num_feature_levels == 2:
+        raise ConversionError("official args: num_feature_levels=2 builds but cannot run in the "
+                              "official code (three backbone projections, two level "
+                              "embeddings); such a checkpoint cannot be converted")
+    if not 1 <= t.num_feature_levels <= 5:
+        raise ConversionError(f"official args: num_feature_levels={t.num_feature_levels} is not "
+                              "supported (1, 3, 4 or 5)")
+    t.nheads, t.enc_n_points, t.dec_n_points = _heads_and_points(args, state,
+                                                                 t.num_feature_levels)
+    t.enc_layers = int(_pick(args, "enc_layers",
+                             lambda: count_indices(state, "transformer.encoder.layers.")))
+    t.dec_layers = int(_pick(args, "dec_layers",
+                             lambda: count_indices(state, "transformer.decoder.layers.")))
+    t.dim_feedforward = int(_pick(args, "dim_feedforward", lambda: need(
+        state, "transformer.decoder.layers.0.linear1.weight", "dim_feedforward").shape[0]))
+    t.dropout = float(_pick(args, "dropout", lambda: 0.1))
+    t.activation = "relu"  # hard-coded by the official builder
+
+    two_stage = bool(_pick(args, "two_stage", lambda: "transformer.enc_output.weight" in state))
+    refine = bool(_pick(args, "with_box_refine", lambda: _refine(state)))
+    q.kind = "two_stage" if two_stage else "reference_points"
+    q.box_update = "refine" if refine else "none"
+    q.select_valid_proposals = False  # rank every token by score, as the official code
+    if two_stage:
+        q.num_queries = int(_pick(args, "num_queries", lambda: _assume("num_queries", 300)))
+    else:
+        q.num_queries = int(_pick(args, "num_queries", lambda: need(
+            state, "query_embed.weight", "num_queries").shape[0]))
+    m.aux_loss = bool(_pick(args, "aux_loss", lambda: True))
+    rows = int(state["class_embed.0.weight"].shape[0]) if "class_embed.0.weight" in state else None
+    m.num_classes = resolve_num_classes(args, rows)
+    # the official post-processing keeps the top 100 (query, class) pairs
+    cfg.postprocess.num_select = min(100, q.num_queries * m.num_classes)
+
+    loss, tr = cfg.loss, cfg.train
+    for field_name, key, obj in (
+        ("cost_class", "set_cost_class", loss.matcher),
+        ("cost_bbox", "set_cost_bbox", loss.matcher),
+        ("cost_giou", "set_cost_giou", loss.matcher), ("class_weight", "cls_loss_coef", loss),
+        ("bbox_weight", "bbox_loss_coef", loss), ("giou_weight", "giou_loss_coef", loss),
+        ("focal_alpha", "focal_alpha", loss), ("lr", "lr", tr), ("lr_backbone", "lr_backbone", tr),
+        ("lr_linear_proj_mult", "lr_linear_proj_mult", tr), ("weight_decay", "weight_decay", tr),
+        ("clip_max_norm", "clip_max_norm", tr),
+    ):
+        if arg(args, key) is not None:
+            setattr(obj, field_name, float(args[key]))
+    for field_name, key in (("epochs", "epochs"), ("lr_drop", "lr_drop"),
+                            ("batch_size", "batch_size")):
+        if arg(args, key) is not None:
+            setattr(tr, field_name, int(args[key]))
+    return cfg.validate()
+
+
+def from_official(state: State, cfg: Config) -> tuple[dict[str, Tensor], list[str]]:
+    """Official Deformable DETR state dict -> detrkit keys (and the keys no rule matched).
+
+    Alias keys are checked against their canonical key and dropped.
+    """
+    source = dict(state)
+    drop_aliases(source, aliases(cfg, source), "Deformable DETR checkpoint")
+    return rename(source, rules(cfg), ignore=[r"\.num_batches_tracked$"])
+
+
+def to_official(state: State, cfg: Config) -> dict[str, Tensor]:
+    """detrkit Deformable DETR state dict -> official key names, alias keys included."""
+    out, unmatched = rename(state, rules(cfg), reverse=True)
+    if unmatched:
+        raise ConversionError(f"keys with no official Deformable DETR name: {unmatched[:10]}")
+    dec_layers, refine, two_stage = _layout(cfg)
+    num_pred = dec_layers + 1 if two_stage else dec_layers
+    for head in ("class_embed", "bbox_embed"):
+        canon = {k: v for k, v in out.items() if k.startswith(f"{head}.")}
+        for key, value in canon.items():
+            index, rest = key[len(head) + 1:].split(".", 1)
+            targets = [f"{head}.{i}.{rest}" for i in range(1, num_pred)] if not refine else []
+            if (head == "bbox_embed" and refine) or (head == "class_embed" and two_stage):
+                indices = range(num_pred) if not refine else [int(index)]
+                targets += [f"transformer.decoder.{head}.{i}.{rest}" for i in indices]
+            for target in targets:
+                out[target] = value
+    return out
+
+
+CONVERTER = FamilyConverter(family="deformable_detr", to_config=to_config,
+                            from_official=from_official, to_official=to_official)

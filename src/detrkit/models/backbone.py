@@ -1,0 +1,175 @@
+"""ResNet backbone with frozen batch norm, returning several feature levels with their masks.
+
+The body keeps torchvision's child names (``conv1``, ``bn1``, ``layer1`` .. ``layer4``) under
+``body``, so the official ``backbone.0.body.*`` keys map to ``backbone.body.*`` one to one.
+Level ``i`` is the output of ``layer{i}`` (stride ``2**(i+1)``: C2 = 1, C3 = 2, C4 = 3, C5 = 4).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["FrozenBatchNorm2d", "ResNetBackbone", "interpolate_mask", "RESNET_CHANNELS"]
+
+ResNetName = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
+
+# output channels of layer1 .. layer4
+RESNET_CHANNELS: dict[str, tuple[int, int, int, int]] = {
+    "resnet18": (64, 128, 256, 512),
+    "resnet34": (64, 128, 256, 512),
+    "resnet50": (256, 512, 1024, 2048),
+    "resnet101": (256, 512, 1024, 2048),
+}
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Batch norm with fixed statistics and affine terms (all buffers, nothing is trained).
+
+    ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias`` per channel, in the
+    order of the official DETR implementation (scale and shift folded first). A
+    ``num_batches_tracked`` entry in a loaded state dict is ignored.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,  # type: ignore[override]
+                              missing_keys, unexpected_keys, error_msgs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, C, H, W]`` -> ``[B, C, H, W]``."""
+        w = self.weight.reshape(1, -1, 1, 1)
+        b = self.bias.reshape(1, -1, 1, 1)
+        rv = self.running_var.reshape(1, -1, 1, 1)
+        rm = self.running_mean.reshape(1, -1, 1, 1)
+        scale = w * (rv + self.eps).rsqrt()
+        shift = b - rm * scale
+        return x * scale + shift
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+def interpolate_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
+    """Nearest-neighbour resize of a padding mask ``[B, H, W]`` bool to ``[B, h, w]`` bool.
+
+    ``True`` = padding, as everywhere in detrkit.
+    """
+    return F.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
+
+
+def _torchvision_resnet(name: str, dilation: bool, pretrained: bool) -> nn.Module:
+    import torchvision
+
+    builder = getattr(torchvision.models, name)
+    if dilation and name in ("resnet18", "resnet34"):
+        raise ValueError(f"model.backbone.dilation: {name} (BasicBlock) does not support dilation; "
+                         "use resnet50/resnet101 or set dilation=false")
+    net = builder(weights=None, replace_stride_with_dilation=[False, False, dilation],
+                  norm_layer=FrozenBatchNorm2d)
+    if pretrained:
+        weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+        try:
+            state = weights.get_state_dict(progress=False, check_hash=True)
+        except Exception as err:  # URLError, HTTPError, hash mismatch, ...
+            raise RuntimeError(
+                f"model.backbone.pretrained: could not download the torchvision ImageNet weights "
+                f"of {name} from {weights.url} ({type(err).__name__}: {err}). Work online once, "
+                f"place the file in torch.hub.get_dir()/checkpoints, or set "
+                f"model.backbone.pretrained=false") from None
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        net.load_state_dict(state, strict=False)
+    return net
+
+
+class ResNetBackbone(nn.Module):
+    """torchvision ResNet body (no pooling / fc) with :class:`FrozenBatchNorm2d`.
+
+    Args:
+        name: resnet18 / resnet34 / resnet50 / resnet101.
+        return_levels: which stages to return, in increasing order: 1 = layer1 (stride 4)
+            .. 4 = layer4 (stride 32; 16 with ``dilation``). DETR: ``[4]``; Deformable: ``[2, 3, 4]``.
+        dilation: DC5, the last stage keeps stride 16 and uses dilation 2.
+        pretrained: load torchvision's ImageNet weights (a download; offline raises RuntimeError).
+        frozen_stages: 0 = nothing but batch norm frozen; 1 = stem and layer1 frozen (official);
+            ``k`` = stem and layer1..layer``k`` frozen (``requires_grad=False``).
+
+    Attributes:
+        num_channels: channels of each returned level.
+        strides: stride of each returned level relative to the input image.
+    """
+
+    def __init__(
+        self,
+        name: ResNetName = "resnet50",
+        return_levels: Sequence[int] = (4,),
+        dilation: bool = False,
+        pretrained: bool = False,
+        frozen_stages: int = 1,
+    ) -> None:
+        super().__init__()
+        if name not in RESNET_CHANNELS:
+            raise ValueError(f"model.backbone.name: unknown ResNet '{name}'; "
+                             f"choose one of {sorted(RESNET_CHANNELS)}")
+        levels = list(return_levels)
+        if not levels or levels != sorted(set(levels)) or levels[0] < 1 or levels[-1] > 4:
+            raise ValueError(f"return_levels must be increasing stage indices in 1..4, got {levels}")
+        if not 0 <= frozen_stages <= 4:
+            raise ValueError(f"model.backbone.frozen_stages: must be in 0..4, got {frozen_stages}")
+        net = _torchvision_resnet(name, dilation, pretrained)
+        self.body = nn.Sequential(OrderedDict(
+            (child, getattr(net, child))
+            for child in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+        ))
+        self.return_levels = levels
+        self.num_channels = [RESNET_CHANNELS[name][i - 1] for i in levels]
+        stage_strides = [4, 8, 16, 16 if dilation else 32]
+        self.strides = [stage_strides[i - 1] for i in levels]
+        self.frozen_stages = frozen_stages
+        self._freeze(frozen_stages)
+
+    def _freeze(self, frozen_stages: int) -> None:
+        frozen = [] if frozen_stages == 0 else ["conv1", "bn1"]
+        frozen += [f"layer{i}" for i in range(1, frozen_stages + 1)]
+        for child in frozen:
+            for p in getattr(self.body, child).parameters():
+                p.requires_grad_(False)
+
+    def forward(self, images: Tensor, mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Run the body on a padded batch.
+
+        Args:
+            images: ``[B, 3, H, W]`` normalised images.
+            mask: ``[B, H, W]`` bool, ``True`` on padding.
+
+        Returns:
+            features: one ``[B, C_l, H_l, W_l]`` map per returned level.
+            masks: one ``[B, H_l, W_l]`` bool padding mask per level (nearest resize of ``mask``).
+        """
+        features: list[Tensor] = []
+        x = images
+        last = self.return_levels[-1]
+        for child_name, child in self.body.named_children():
+            x = child(x)
+            if child_name.startswith("layer"):
+                stage = int(child_name[5:])
+                if stage in self.return_levels:
+                    features.append(x)
+                if stage == last:
+                    break
+        masks = [interpolate_mask(mask, f.shape[-2:]) for f in features]
+        return features, masks
