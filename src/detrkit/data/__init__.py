@@ -1,0 +1,54 @@
+"""Detection data: COCO-JSON datasets validated at load, the synthetic shapes generator, DETR
+transforms on ``torchvision.transforms.v2``, padding collate and builders from the config.
+
+Importing this package only defines :class:`DatasetError` / :class:`DatasetWarning`; the other
+names are imported on first use.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from detrkit.data.errors import DatasetError, DatasetWarning
+
+__all__ = ["DatasetError", "DatasetWarning", "CocoDetection", "VocDetection", "read_image",
+           "build_transforms", "collate", "images_to_batch", "generate_shapes",
+           "SyntheticPaths", "build_datasets", "build_loader", "check_dataset"]
+
+_LAZY = {
+    "CocoDetection": "detrkit.data.coco",
+    "VocDetection": "detrkit.data.voc",
+    "read_image": "detrkit.data.images",
+    "build_transforms": "detrkit.data.transforms",
+    "collate": "detrkit.data.collate",
+    "images_to_batch": "detrkit.data.collate",
+    "generate_shapes": "detrkit.data.synthetic",
+    "SyntheticPaths": "detrkit.data.synthetic",
+    "build_datasets": "detrkit.data.build",
+    "build_loader": "detrkit.data.build",
+    "check_dataset": "detrkit.data.check",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from detrkit.data.build import build_datasets, build_loader
+    from detrkit.data.check import check_dataset
+    from detrkit.data.coco import CocoDetection
+    from detrkit.data.collate import collate, images_to_batch
+    from detrkit.data.images import read_image
+    from detrkit.data.synthetic import SyntheticPaths, generate_shapes
+    from detrkit.data.transforms import build_transforms
+    from detrkit.data.voc import VocDetection
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'detrkit.data' has no attribute '{name}'")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
