@@ -87,14 +87,14 @@ def test_full_size_detr_key_layout_matches_official(preset):
         assert list(v.shape) == expected[k]["shape"], k
 
 
-def test_unknown_and_unsupported_families():
+def test_unknown_families_and_incomplete_checkpoints():
     with pytest.raises(ConversionError, match="cannot tell"):
         detect_family({"foo.weight": torch.zeros(1)})
     with pytest.raises(ConversionError, match="segmentation"):
         detect_family({"detr.query_embed.weight": torch.zeros(1)})
     dino_like = {"transformer.tgt_embed.weight": torch.zeros(1), "label_enc.weight": torch.zeros(1)}
     assert detect_family(dino_like) == "dino"
-    with pytest.raises(NotImplementedError, match="'dino'"):
+    with pytest.raises(ConversionError, match="ResNet"):  # a DINO key set without a backbone
         from_official(dino_like)
     with pytest.raises(ConversionError, match="unknown model family"):
         from_official({"query_embed.weight": torch.zeros(1)}, family="yolo")

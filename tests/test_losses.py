@@ -169,15 +169,6 @@ def test_autocast_bfloat16_gives_float32_terms(class_loss):
     assert out.logits.grad is not None and torch.isfinite(out.logits.grad).all()
 
 
-def test_denoising_outputs_are_not_silently_ignored():
-    out = _outputs()
-    # the criterion must refuse any denoising output while the DN loss is missing
-    out.dn = DenoisingOutput(layers=[LayerOutput(out.logits, out.boxes)],
-                             meta=None)  # type: ignore[arg-type]
-    with pytest.raises(NotImplementedError, match="denoising"):
-        _criterion()(out, _targets())
-
-
 def test_bad_labels_and_class_count_raise():
     with pytest.raises(ValueError, match="labels must lie"):
         _criterion()(_outputs(), [Target(torch.full((1, 4), 0.5), torch.tensor([NUM_CLASSES])),

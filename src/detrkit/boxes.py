@@ -26,8 +26,9 @@ def xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
     return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
 
 
-def box_iou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
-    """Pairwise IoU and union of xyxy boxes ``[N, 4]``, ``[M, 4]`` -> ``[N, M]``, ``[N, M]``."""
+def box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Pairwise IoU and union of xyxy boxes ``[N, 4]``, ``[M, 4]`` -> ``[N, M]``, ``[N, M]``.
+    ``eps`` is added to the union (DAB-DETR / DN-DETR / DINO: 1e-6; DETR: 0)."""
     area1 = box_area(boxes1)
     area2 = box_area(boxes2)
     lt = torch.max(boxes1[:, None, :2], boxes2[:, :2])  # [N, M, 2]
@@ -35,22 +36,24 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
     wh = (rb - lt).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
     union = area1[:, None] + area2 - inter
-    return inter / union, union
+    return inter / (union + eps), union
 
 
-def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+def generalized_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 0.0) -> Tensor:
     """Pairwise generalised IoU of xyxy boxes ``[N, 4]``, ``[M, 4]`` -> ``[N, M]``.
+    ``eps`` is added to the union and to the enclosing area (DAB-DETR / DN-DETR / DINO: 1e-6;
+    DETR / Deformable DETR: 0).
 
     Degenerate boxes (x1 < x0 or y1 < y0) raise: they would give NaN or meaningless costs.
     """
     if not (boxes1[:, 2:] >= boxes1[:, :2]).all() or not (boxes2[:, 2:] >= boxes2[:, :2]).all():
         raise ValueError("generalized_box_iou: boxes must be xyxy with x1 >= x0 and y1 >= y0")
-    iou, union = box_iou(boxes1, boxes2)
+    iou, union = box_iou(boxes1, boxes2, eps)
     lt = torch.min(boxes1[:, None, :2], boxes2[:, :2])
     rb = torch.max(boxes1[:, None, 2:], boxes2[:, 2:])
     wh = (rb - lt).clamp(min=0)
     area = wh[..., 0] * wh[..., 1]
-    return iou - (area - union) / area
+    return iou - (area - union) / (area + eps)
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:

@@ -25,6 +25,7 @@ __all__ = [
     "PositionConfig",
     "TransformerConfig",
     "QueryConfig",
+    "HeadConfig",
     "DenoisingConfig",
     "ModelConfig",
     "MatcherConfig",
@@ -59,6 +60,9 @@ class BackboneConfig:
     dilation: bool = False  # DC5: replace the stride of the last stage by dilation
     pretrained: bool = False  # torchvision ImageNet weights (a download: fails offline)
     frozen_stages: int = 1  # 0 = only BN frozen, 1 = stem + layer1 frozen (official), ... 4
+    # ResNet stages fed to the neck (1 = C2 .. 4 = C5). null: C5 alone for one feature level,
+    # C3-C5 otherwise. DINO-5scale: [1, 2, 3, 4] (C2-C5 plus one extra strided level).
+    levels: list[int] | None = None
 
 
 @dataclass
@@ -88,6 +92,14 @@ class TransformerConfig:
     enc_n_points: int = 4
     dec_n_points: int = 4
     msda_backend: Literal["auto", "reference", "triton"] = "auto"
+    # anchor decoders (queries.kind anchors / mixed): scale the positional query of layers >= 1
+    # by an MLP of the content (DAB-Deformable / DN-Deformable: true; DINO: false)
+    decoder_query_scale: bool = False
+    # anchor decoders: LayerNorm on every decoder layer's output before the heads (DINO)
+    decoder_norm: bool = False
+    # anchor-box decoders (DAB-DETR): scale the x / y halves of the positional query by the
+    # ratio of a predicted width / height to the anchor's width / height
+    modulate_hw_attn: bool = True
 
 
 @dataclass
@@ -100,17 +112,49 @@ class QueryConfig:
     # proposals give boxes and queries. mixed: top-k proposals give anchors, content is learned (DINO).
     kind: Literal["learned", "reference_points", "anchors", "two_stage", "mixed"] = "learned"
     box_update: Literal["none", "refine", "look_forward_twice"] = "none"
-    # two_stage: never pick padding / out-of-range encoder tokens as proposals while enough
-    # valid ones exist. false = the official Deformable DETR ranking (every token by score).
+    # two_stage / mixed: never pick padding / out-of-range encoder tokens as proposals while
+    # enough valid ones exist. false = the official ranking (every token by score).
     select_valid_proposals: bool = True
+    # mixed: content queries are learned (DINO). false: the selected encoder features,
+    # detached (DINO's "pure query selection")
+    learned_content: bool = True
+    # anchors (DAB-DETR, DAB-Deformable): every anchor box is used with each of num_patterns
+    # learned content vectors (num_queries * num_patterns decoder queries); 0 = one per anchor
+    num_patterns: int = 0
+    # anchors: initialise the anchor centres uniformly at random and keep them fixed
+    random_refpoints_xy: bool = False
+
+
+@dataclass
+class HeadConfig:
+    """Class / box heads of the anchor decoders (queries.kind anchors / mixed). null = one
+    head per decoder layer with box refinement, one shared head without. Deformable DETR
+    (reference_points / two_stage) ties sharing to box_update; leave these null there."""
+
+    share_decoder_class: bool | None = None  # DINO dec_pred_class_embed_share (true)
+    share_decoder_box: bool | None = None  # DINO dec_pred_bbox_embed_share (true)
+    # mixed: the encoder-proposal heads are the decoder heads (DINO two_stage_*_embed_share)
+    share_encoder_class: bool = False
+    share_encoder_box: bool = False
 
 
 @dataclass
 class DenoisingConfig:
+    """Training-time denoising queries. ``dn`` (DN-DETR): ``dn_number`` groups of noised
+    ground truth, label flip probability ``label_noise_ratio``. ``cdn`` (DINO): positive and
+    negative groups, ``dn_number`` is the query budget, flip probability
+    ``label_noise_ratio / 2``. ``box_noise_scale``: box jitter relative to the box size."""
+
     kind: Literal["none", "dn", "cdn"] = "none"
     dn_number: int = 100
     label_noise_ratio: float = 0.5
     box_noise_scale: float = 1.0
+    # rows of the denoising label embedding minus one (the extra row is "unknown");
+    # null = num_classes. DINO's dn_labelbook_size.
+    labelbook_size: int | None = None
+    # content = label embedding of width hidden_dim - 1 plus a 0/1 "is denoising" indicator
+    # (DN-Deformable-DETR); false: label embedding of width hidden_dim (DINO)
+    content_indicator: bool = False
 
 
 @dataclass
@@ -123,6 +167,7 @@ class ModelConfig:
     position: PositionConfig = field(default_factory=PositionConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     queries: QueryConfig = field(default_factory=QueryConfig)
+    heads: HeadConfig = field(default_factory=HeadConfig)
     denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
 
 
@@ -248,6 +293,7 @@ class Config:
             _require(t.num_feature_levels == 1, "model.transformer.num_feature_levels",
                      "global attention uses one feature level; set it to 1")
         _require(q.num_queries >= 1, "model.queries.num_queries", "must be >= 1")
+        _require(q.num_patterns >= 0, "model.queries.num_patterns", "must be >= 0")
         if q.kind in ("two_stage", "mixed", "reference_points"):
             _require(t.attention == "deformable", "model.queries.kind",
                      f"'{q.kind}' needs model.transformer.attention=deformable")
@@ -259,13 +305,22 @@ class Config:
             _require(m.class_activation == "sigmoid", "model.denoising.kind",
                      "denoising needs model.class_activation=sigmoid")
             _require(m.denoising.dn_number >= 1, "model.denoising.dn_number", "must be >= 1")
+            _require(q.kind in ("anchors", "mixed"), "model.denoising.kind",
+                     f"denoising queries are boxes: it needs model.queries.kind anchors or "
+                     f"mixed, got '{q.kind}'")
+        book = m.denoising.labelbook_size
+        if book is not None:
+            _require(book >= m.num_classes, "model.denoising.labelbook_size",
+                     f"must be >= model.num_classes={m.num_classes} (or null), got {book}")
+        self._validate_levels_and_heads()
         ns = self.postprocess.num_select
         if ns is not None:
             _require(ns >= 1, "postprocess.num_select", "must be >= 1 or null")
             _require(not softmax, "postprocess.num_select",
                      "top-k selection is for sigmoid models; use null with softmax")
-            _require(ns <= q.num_queries * m.num_classes, "postprocess.num_select",
-                     f"{ns} exceeds num_queries*num_classes={q.num_queries * m.num_classes}")
+            pairs = q.num_queries * max(q.num_patterns, 1) * m.num_classes
+            _require(ns <= pairs, "postprocess.num_select",
+                     f"{ns} exceeds num_queries*max(num_patterns,1)*num_classes={pairs}")
         tr = self.train
         _require(tr.epochs >= 1, "train.epochs", "must be >= 1")
         _require(tr.batch_size >= 1, "train.batch_size", "must be >= 1")
@@ -284,6 +339,38 @@ class Config:
                  "need 1 <= min_objects <= max_objects")
         _require(len(d.augment.crop_size) == 2, "data.augment.crop_size", "needs [min, max]")
         return self
+
+    def _validate_levels_and_heads(self) -> None:
+        """Rules of the backbone levels, query patterns and head sharing."""
+        m, t, q, h = self.model, self.model.transformer, self.model.queries, self.model.heads
+        levels = m.backbone.levels
+        if levels is not None:
+            _require(len(levels) >= 1 and all(1 <= v <= 4 for v in levels)
+                     and all(a < b for a, b in zip(levels, levels[1:])),
+                     "model.backbone.levels", f"need increasing stages in 1..4, got {levels}")
+            _require(len(levels) <= t.num_feature_levels, "model.backbone.levels",
+                     f"{len(levels)} stages exceed model.transformer.num_feature_levels="
+                     f"{t.num_feature_levels}")
+        if q.num_patterns > 0:
+            _require(q.kind == "anchors", "model.queries.num_patterns",
+                     f"patterns need model.queries.kind=anchors, got '{q.kind}'")
+        if q.kind in ("reference_points", "two_stage"):
+            for key in ("share_decoder_class", "share_decoder_box"):
+                _require(getattr(h, key) is None, f"model.heads.{key}",
+                         f"must be null with model.queries.kind={q.kind} (Deformable DETR "
+                         "shares its heads exactly when model.queries.box_update=none)")
+        for enc_key, dec_key in (("share_encoder_class", "share_decoder_class"),
+                                 ("share_encoder_box", "share_decoder_box")):
+            if getattr(h, enc_key):
+                _require(q.kind == "mixed", f"model.heads.{enc_key}",
+                         "only the mixed query selection has encoder-proposal heads")
+                _require(getattr(h, dec_key) is True, f"model.heads.{enc_key}",
+                         f"needs one decoder head to share: set model.heads.{dec_key}=true")
+        if m.denoising.content_indicator:
+            _require(m.denoising.kind != "none", "model.denoising.content_indicator",
+                     "only applies with denoising")
+            _require(q.learned_content or q.kind != "mixed", "model.denoising.content_indicator",
+                     "needs learned content queries (model.queries.learned_content=true)")
 
 
 def _require(ok: bool, key: str, message: str) -> None:

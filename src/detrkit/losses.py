@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrkit.boxes import cxcywh_to_xyxy, generalized_box_iou
+from detrkit.losses_denoising import denoising_loss
 from detrkit.config import Config
 from detrkit.matching import HungarianMatcher, MatchIndices
 from detrkit.structures import DenoisingOutput, DetectorOutput, LayerOutput, Target
@@ -296,12 +297,12 @@ class SetCriterion(nn.Module):
         """Loss of the denoising queries (DN-DETR / DINO), supervised directly by the targets
         they were made from, without matching. Returns ``(weighted sum, terms)``; the terms
         are merged into :attr:`LossOutput.terms` and the sum into ``total``.
-
-        Extension point: not implemented yet.
         """
-        raise NotImplementedError(
-            "SetCriterion: outputs.dn is set but the denoising loss is not implemented yet; "
-            "train with model.denoising.kind=none")
+        result = denoising_loss(
+            dn, num_boxes, class_weight=self.class_weight, bbox_weight=self.bbox_weight,
+            giou_weight=self.giou_weight, focal_alpha=self.focal_alpha,
+            focal_gamma=self.focal_gamma, aux_loss=self.aux_loss)
+        return result.total, result.terms
 
 
 def build_criterion(cfg: Config) -> SetCriterion:

@@ -194,3 +194,179 @@ def test_deformable_detr_tiny_refine() -> Config:
 @register
 def test_deformable_detr_tiny_two_stage() -> Config:
     return _tiny_deformable(query_kind="two_stage", box_update="refine")
+
+
+# ----------------------------------------------------------------------------- DAB-DETR / DN-DETR
+
+
+def _dab(backbone: str = "resnet50", denoising: bool = False) -> Config:
+    """Single-scale DAB-DETR (Liu et al., 2022) at the IDEA-Research/DAB-DETR defaults, with the
+    published 50-epoch schedule; ``denoising`` adds DN-DETR's denoising queries (Li et al.,
+    2022: 5 groups, label noise 0.2, box noise 0.4)."""
+    cfg = Config()
+    m, t, q = cfg.model, cfg.model.transformer, cfg.model.queries
+    m.backbone.name = backbone  # type: ignore[assignment]
+    m.class_activation = "sigmoid"
+    m.position.temperature_h = m.position.temperature_w = 20.0
+    t.attention = "global"
+    t.activation = "prelu"
+    t.dropout = 0.0
+    q.kind = "anchors"
+    q.box_update = "refine"
+    q.num_queries = 300
+    if denoising:
+        m.denoising.kind = "dn"
+        m.denoising.dn_number = 5
+        m.denoising.label_noise_ratio = 0.2
+        m.denoising.box_noise_scale = 0.4
+    loss = cfg.loss
+    loss.class_loss = "focal"
+    loss.class_weight, loss.bbox_weight, loss.giou_weight = 1.0, 5.0, 2.0
+    loss.matcher.cost_class, loss.matcher.cost_bbox, loss.matcher.cost_giou = 2.0, 5.0, 2.0
+    cfg.postprocess.num_select = 300
+    tr = cfg.train
+    tr.lr, tr.lr_backbone = 1e-4, 1e-5
+    tr.epochs, tr.lr_drop, tr.batch_size = 50, 40, 2
+    return cfg
+
+
+@register
+def dab_detr_r50() -> Config:
+    """Single-scale DAB-DETR: 4-D anchor queries, conditional attention, PReLU."""
+    return _dab()
+
+
+@register
+def dn_detr_r50() -> Config:
+    """Single-scale DN-DETR: DAB-DETR trained with denoising queries."""
+    return _dab(denoising=True)
+
+
+def _tiny_dab(denoising: bool) -> Config:
+    """DAB-/DN-DETR on a ResNet-18 with a 2+2-layer, 64-wide transformer (synthetic data)."""
+    cfg = _dab("resnet18", denoising=denoising)
+    t = cfg.model.transformer
+    t.hidden_dim, t.nheads, t.enc_layers, t.dec_layers, t.dim_feedforward = 64, 4, 2, 2, 128
+    cfg.model.queries.num_queries = 20
+    cfg.model.num_classes = 4
+    if denoising:
+        cfg.model.denoising.dn_number = 3
+    cfg.postprocess.num_select = 50
+    return _tiny_data(cfg)
+
+
+@register
+def test_dab_detr_tiny() -> Config:
+    return _tiny_dab(denoising=False)
+
+
+@register
+def test_dn_detr_tiny() -> Config:
+    return _tiny_dab(denoising=True)
+
+
+# ----------------------------------------------------------------------------- DAB / DN-Deformable DETR, DINO
+
+
+def _dab_deformable(backbone: str = "resnet50", denoising: bool = False) -> Config:
+    """DAB-Deformable-DETR (IDEA-Research/DAB-DETR ``-m dab_deformable_detr``): Deformable DETR
+    with learned 4-D anchor boxes, anchor-conditioned (and content-scaled) positional queries
+    and iterative anchor refinement; 50 epochs, drop after 40. ``denoising`` gives
+    DN-Deformable-DETR (IDEA-Research/DN-DETR ``-m dn_dab_deformable_detr --use_dn``: 5 groups,
+    label noise 0.2, box noise 0.4, content = 255-wide label embedding + indicator)."""
+    cfg = _deformable(4, query_kind="anchors", box_update="refine", backbone=backbone)
+    m, t = cfg.model, cfg.model.transformer
+    t.dim_feedforward, t.dropout = 2048, 0.0
+    t.decoder_query_scale = True
+    if denoising:
+        dn = m.denoising
+        dn.kind, dn.dn_number, dn.label_noise_ratio, dn.box_noise_scale = "dn", 5, 0.2, 0.4
+        dn.content_indicator = True
+    cfg.loss.class_weight = 1.0
+    tr = cfg.train
+    tr.lr, tr.lr_backbone, tr.lr_linear_proj_mult = 1e-4, 1e-5, 1.0
+    return cfg
+
+
+@register
+def dab_deformable_detr_r50() -> Config:
+    """DAB-Deformable-DETR, ResNet-50, 4 levels, 300 anchor queries."""
+    return _dab_deformable()
+
+
+@register
+def dn_deformable_detr_r50() -> Config:
+    """DN-Deformable-DETR, ResNet-50: DAB-Deformable-DETR trained with denoising queries."""
+    return _dab_deformable(denoising=True)
+
+
+def _dino(num_feature_levels: int = 4, backbone: str = "resnet50") -> Config:
+    """DINO (Zhang et al., 2023; IDEA-Research/DINO ``config/DINO/DINO_4scale.py``): contrastive
+    denoising (budget 100 queries, label noise 0.5, box noise 0.4), mixed query selection of
+    900 anchors, look-forward-twice box refinement, shared decoder heads, 12 epochs."""
+    cfg = _deformable(num_feature_levels, query_kind="mixed", box_update="look_forward_twice",
+                      backbone=backbone)
+    m, t = cfg.model, cfg.model.transformer
+    if num_feature_levels == 5:
+        m.backbone.levels = [1, 2, 3, 4]  # C2-C5 plus one strided level
+    m.position.temperature_h = m.position.temperature_w = 20.0
+    m.position.offset = 0.0
+    t.dim_feedforward, t.dropout = 2048, 0.0
+    t.decoder_norm = True
+    m.queries.num_queries = 900
+    m.heads.share_decoder_class = m.heads.share_decoder_box = True
+    dn = m.denoising
+    dn.kind, dn.dn_number, dn.label_noise_ratio, dn.box_noise_scale = "cdn", 100, 0.5, 0.4
+    cfg.loss.class_weight = 1.0
+    cfg.postprocess.num_select = 300
+    tr = cfg.train
+    tr.lr, tr.lr_backbone, tr.lr_linear_proj_mult = 1e-4, 1e-5, 0.1
+    tr.epochs, tr.lr_drop, tr.batch_size = 12, 11, 2
+    return cfg
+
+
+@register
+def dino_4scale_r50() -> Config:
+    """DINO-4scale, ResNet-50 (C3-C5 plus one strided level), 12-epoch schedule."""
+    return _dino(4)
+
+
+@register
+def dino_5scale_r50() -> Config:
+    """DINO-5scale, ResNet-50 (C2-C5 plus one strided level), 12-epoch schedule."""
+    return _dino(5)
+
+
+def _tiny_anchor(cfg: Config) -> Config:
+    """ResNet-18, a 2+2-layer, 64-wide transformer, 30 queries, on the synthetic shapes."""
+    t = cfg.model.transformer
+    t.hidden_dim, t.nheads, t.enc_layers, t.dec_layers, t.dim_feedforward = 64, 4, 2, 2, 128
+    cfg.model.queries.num_queries = 30  # 30 queries x 4 classes >= the 100 selected detections
+    cfg.model.num_classes = 4
+    cfg.postprocess.num_select = 100
+    if cfg.model.denoising.kind != "none":
+        cfg.model.denoising.dn_number = 3
+    lr_mult = cfg.train.lr_linear_proj_mult
+    cfg = _tiny_data(cfg)
+    cfg.train.lr_linear_proj_mult = lr_mult
+    return cfg
+
+
+@register
+def test_dab_deformable_detr_tiny() -> Config:
+    return _tiny_anchor(_dab_deformable("resnet18"))
+
+
+@register
+def test_dn_deformable_detr_tiny() -> Config:
+    return _tiny_anchor(_dab_deformable("resnet18", denoising=True))
+
+
+@register
+def test_dino_tiny() -> Config:
+    return _tiny_anchor(_dino(4, "resnet18"))
+
+
+@register
+def test_dino_tiny_5scale() -> Config:
+    return _tiny_anchor(_dino(5, "resnet18"))

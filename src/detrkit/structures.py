@@ -12,9 +12,13 @@ Conventions used everywhere in detrkit:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from detrkit.models.denoising import DenoisingMeta
 
 __all__ = ["ImageBatch", "Target", "LayerOutput", "DenoisingOutput", "DetectorOutput",
            "Detections", "LabelMap"]
@@ -86,11 +90,12 @@ class DenoisingOutput:
     """Outputs of the denoising queries (training only) and what is needed to supervise them.
 
     layers: one :class:`LayerOutput` per decoder layer (last = final layer), ``[B, pad, C]``.
-    meta: free-form description of the groups, produced by ``models.denoising``.
+    meta: the :class:`~detrkit.models.denoising.DenoisingMeta` of the groups (where each
+    denoising query came from, the clean labels and boxes it must reconstruct).
     """
 
     layers: list[LayerOutput]
-    meta: dict = field(default_factory=dict)
+    meta: DenoisingMeta
 
 
 @dataclass

@@ -36,7 +36,8 @@ from detrkit.convert.official import (Args, FamilyConverter, State, arg, backbon
                                       count_indices, need, resolve_num_classes)
 from detrkit.presets import get_preset
 
-__all__ = ["rules", "aliases", "to_config", "from_official", "to_official", "CONVERTER"]
+__all__ = ["rules", "aliases", "pick", "assume", "sine_or_learned_position", "heads_and_points",
+           "apply_training_args", "to_config", "from_official", "to_official", "CONVERTER"]
 
 _TWO_STAGE_PARTS = ("enc_output", "enc_output_norm", "pos_trans", "pos_trans_norm")
 
@@ -44,7 +45,7 @@ _TWO_STAGE_PARTS = ("enc_output", "enc_output_norm", "pos_trans", "pos_trans_nor
 def _layout(cfg: Config) -> tuple[int, bool, bool]:
     """``(decoder layers, refine, two_stage)`` of a Deformable DETR config."""
     q = cfg.model.queries
-    return cfg.model.transformer.dec_layers, q.box_update == "refine", q.kind == "two_stage"
+    return cfg.model.transformer.dec_layers, q.box_update != "none", q.kind == "two_stage"
 
 
 def rules(cfg: Config) -> tuple[KeyRule, ...]:
@@ -87,18 +88,21 @@ def aliases(cfg: Config, state: State) -> dict[str, str]:
     return out
 
 
-def _pick(args: Args, name: str, infer: Callable[[], Any]) -> Any:
+def pick(args: Args, name: str, infer: Callable[[], Any]) -> Any:
+    """``args[name]`` when given, else ``infer()`` (e.g. a value read from the tensor shapes)."""
     value = arg(args, name)
     return infer() if value is None else value
 
 
-def _assume(name: str, value: Any) -> Any:
+def assume(name: str, value: Any) -> Any:
+    """Warn that ``name`` cannot be inferred and ``value`` is assumed; return ``value``."""
     warnings.warn(f"official args: '{name}' cannot be inferred from the weights; assuming "
                   f"{value}. Pass official_args={{'{name}': ...}} if that is wrong", stacklevel=4)
     return value
 
 
-def _position(args: Args, state: State) -> PositionConfig:
+def sine_or_learned_position(args: Args, state: State) -> PositionConfig:
+    """The Deformable DETR position encoding (sine with the 0.5 offset, or learned)."""
     value = arg(args, "position_embedding")
     if value is None:
         value = "learned" if "backbone.1.row_embed.weight" in state else "sine"
@@ -121,7 +125,7 @@ def _refine(state: State) -> bool:
     return False
 
 
-def _heads_and_points(args: Args, state: State, levels: int) -> tuple[int, int, int]:
+def heads_and_points(args: Args, state: State, levels: int) -> tuple[int, int, int]:
     """``(nheads, enc_n_points, dec_n_points)`` from the args; the attention-weight shapes
     (``heads * levels * points`` rows) give whichever of them is missing."""
     nheads, enc_points, dec_points = (arg(args, k) for k in ("nheads", "enc_n_points",
@@ -139,13 +143,13 @@ def _heads_and_points(args: Args, state: State, levels: int) -> tuple[int, int, 
         elif dec_points is not None and dec_rows is not None:
             nheads = dec_rows // (levels * int(dec_points))
         else:
-            nheads = _assume("nheads", 8)
+            nheads = assume("nheads", 8)
 
     def points(given: Any, found: int | None, name: str) -> int:
         if given is not None:
             return int(given)
         if found is None:
-            return int(_assume(name, 4))
+            return int(assume(name, 4))
         if found % (levels * int(nheads)) != 0:
             raise ConversionError(f"official args: {name} cannot be inferred: {found} attention "
                                   f"weights are not a multiple of nheads*levels="
@@ -156,60 +160,10 @@ def _heads_and_points(args: Args, state: State, levels: int) -> tuple[int, int, 
             points(dec_points, dec_rows, "dec_n_points"))
 
 
-def to_config(args: Args, state: State) -> Config:
-    """Deformable DETR arguments (possibly partial) + weights -> detrkit config.
-
-    Every value comes from ``args`` when present, otherwise from the tensor shapes (levels and
-    width from ``transformer.level_embed``, layers by counting, FFN width, queries, classes,
-    heads/points from the attention-weight shapes, refinement and two-stage from the key set).
-    """
-    if arg(args, "masks"):
-        raise ConversionError("official args: masks=True (segmentation) is not supported")
-    cfg = get_preset("deformable_detr_r50")
-    m, t, q = cfg.model, cfg.model.transformer, cfg.model.queries
-    m.backbone = backbone_config(args, state)
-    m.position = _position(args, state)
-
-    def level_embed(dim: int) -> Callable[[], int]:
-        return lambda: int(need(state, "transformer.level_embed",
-                                "hidden_dim/num_feature_levels").shape[dim])
-
-    t.hidden_dim = int(_pick(args, "hidden_dim", level_embed(1)))
-    t.num_feature_levels = int(_pick(args, "num_feature_levels", level_embed(0)))
-    if t.num_feature_levels == 2:
-        raise ConversionError("official args: num_feature_levels=2 builds but cannot run in the "
-                              "official code (three backbone projections, two level "
-                              "embeddings); such a checkpoint cannot be converted")
-    if not 1 <= t.num_feature_levels <= 5:
-        raise ConversionError(f"official args: num_feature_levels={t.num_feature_levels} is not "
-                              "supported (1, 3, 4 or 5)")
-    t.nheads, t.enc_n_points, t.dec_n_points = _heads_and_points(args, state,
-                                                                 t.num_feature_levels)
-    t.enc_layers = int(_pick(args, "enc_layers",
-                             lambda: count_indices(state, "transformer.encoder.layers.")))
-    t.dec_layers = int(_pick(args, "dec_layers",
-                             lambda: count_indices(state, "transformer.decoder.layers.")))
-    t.dim_feedforward = int(_pick(args, "dim_feedforward", lambda: need(
-        state, "transformer.decoder.layers.0.linear1.weight", "dim_feedforward").shape[0]))
-    t.dropout = float(_pick(args, "dropout", lambda: 0.1))
-    t.activation = "relu"  # hard-coded by the official builder
-
-    two_stage = bool(_pick(args, "two_stage", lambda: "transformer.enc_output.weight" in state))
-    refine = bool(_pick(args, "with_box_refine", lambda: _refine(state)))
-    q.kind = "two_stage" if two_stage else "reference_points"
-    q.box_update = "refine" if refine else "none"
-    q.select_valid_proposals = False  # rank every token by score, as the official code
-    if two_stage:
-        q.num_queries = int(_pick(args, "num_queries", lambda: _assume("num_queries", 300)))
-    else:
-        q.num_queries = int(_pick(args, "num_queries", lambda: need(
-            state, "query_embed.weight", "num_queries").shape[0]))
-    m.aux_loss = bool(_pick(args, "aux_loss", lambda: True))
-    rows = int(state["class_embed.0.weight"].shape[0]) if "class_embed.0.weight" in state else None
-    m.num_classes = resolve_num_classes(args, rows)
-    # the official post-processing keeps the top 100 (query, class) pairs
-    cfg.postprocess.num_select = min(100, q.num_queries * m.num_classes)
-
+def apply_training_args(cfg: Config, args: Args) -> None:
+    """Copy the matcher / loss coefficients and the optimiser schedule of the official
+    arguments (``set_cost_*``, ``*_loss_coef``, ``focal_alpha``, ``lr*``, ``weight_decay``,
+    ``clip_max_norm``, ``epochs``, ``lr_drop``, ``batch_size``) into ``cfg`` (in place)."""
     loss, tr = cfg.loss, cfg.train
     for field_name, key, obj in (
         ("cost_class", "set_cost_class", loss.matcher),
@@ -226,6 +180,63 @@ def to_config(args: Args, state: State) -> Config:
                             ("batch_size", "batch_size")):
         if arg(args, key) is not None:
             setattr(tr, field_name, int(args[key]))
+
+
+def to_config(args: Args, state: State) -> Config:
+    """Deformable DETR arguments (possibly partial) + weights -> detrkit config.
+
+    Every value comes from ``args`` when present, otherwise from the tensor shapes (levels and
+    width from ``transformer.level_embed``, layers by counting, FFN width, queries, classes,
+    heads/points from the attention-weight shapes, refinement and two-stage from the key set).
+    """
+    if arg(args, "masks"):
+        raise ConversionError("official args: masks=True (segmentation) is not supported")
+    cfg = get_preset("deformable_detr_r50")
+    m, t, q = cfg.model, cfg.model.transformer, cfg.model.queries
+    m.backbone = backbone_config(args, state)
+    m.position = sine_or_learned_position(args, state)
+
+    def level_embed(dim: int) -> Callable[[], int]:
+        return lambda: int(need(state, "transformer.level_embed",
+                                "hidden_dim/num_feature_levels").shape[dim])
+
+    t.hidden_dim = int(pick(args, "hidden_dim", level_embed(1)))
+    t.num_feature_levels = int(pick(args, "num_feature_levels", level_embed(0)))
+    if t.num_feature_levels == 2:
+        raise ConversionError("official args: num_feature_levels=2 builds but cannot run in the "
+                              "official code (three backbone projections, two level "
+                              "embeddings); such a checkpoint cannot be converted")
+    if not 1 <= t.num_feature_levels <= 5:
+        raise ConversionError(f"official args: num_feature_levels={t.num_feature_levels} is not "
+                              "supported (1, 3, 4 or 5)")
+    t.nheads, t.enc_n_points, t.dec_n_points = heads_and_points(args, state,
+                                                                 t.num_feature_levels)
+    t.enc_layers = int(pick(args, "enc_layers",
+                             lambda: count_indices(state, "transformer.encoder.layers.")))
+    t.dec_layers = int(pick(args, "dec_layers",
+                             lambda: count_indices(state, "transformer.decoder.layers.")))
+    t.dim_feedforward = int(pick(args, "dim_feedforward", lambda: need(
+        state, "transformer.decoder.layers.0.linear1.weight", "dim_feedforward").shape[0]))
+    t.dropout = float(pick(args, "dropout", lambda: 0.1))
+    t.activation = "relu"  # hard-coded by the official builder
+
+    two_stage = bool(pick(args, "two_stage", lambda: "transformer.enc_output.weight" in state))
+    refine = bool(pick(args, "with_box_refine", lambda: _refine(state)))
+    q.kind = "two_stage" if two_stage else "reference_points"
+    q.box_update = "refine" if refine else "none"
+    q.select_valid_proposals = False  # rank every token by score, as the official code
+    if two_stage:
+        q.num_queries = int(pick(args, "num_queries", lambda: assume("num_queries", 300)))
+    else:
+        q.num_queries = int(pick(args, "num_queries", lambda: need(
+            state, "query_embed.weight", "num_queries").shape[0]))
+    m.aux_loss = bool(pick(args, "aux_loss", lambda: True))
+    rows = int(state["class_embed.0.weight"].shape[0]) if "class_embed.0.weight" in state else None
+    m.num_classes = resolve_num_classes(args, rows)
+    # the official post-processing keeps the top 100 (query, class) pairs
+    cfg.postprocess.num_select = min(100, q.num_queries * m.num_classes)
+
+    apply_training_args(cfg, args)
     return cfg.validate()
 
 

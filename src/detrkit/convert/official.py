@@ -60,6 +60,11 @@ class FamilyConverter:
 CONVERTERS: dict[str, str] = {
     "detr": "detrkit.convert.detr",
     "deformable_detr": "detrkit.convert.deformable_detr",
+    "dab_detr": "detrkit.convert.dab_detr",
+    "dn_dab_detr": "detrkit.convert.dab_detr",
+    "dab_deformable_detr": "detrkit.convert.dab_deformable_detr",
+    "dn_deformable_detr": "detrkit.convert.dab_deformable_detr",
+    "dino": "detrkit.convert.dino",
 }
 KNOWN_FAMILIES = ("detr", "deformable_detr", "dab_detr", "dab_deformable_detr", "dn_dab_detr",
                   "dn_deformable_detr", "dino")

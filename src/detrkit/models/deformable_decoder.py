@@ -119,7 +119,8 @@ class DeformableDecoder(nn.Module):
                 level_start_index: Tensor, valid_ratios: Tensor,
                 memory_padding_mask: Tensor | None,
                 box_heads: Sequence[nn.Module] | None = None,
-                self_attn_mask: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+                self_attn_mask: Tensor | None = None,
+                look_forward_twice: bool = False) -> tuple[Tensor, list[Tensor]]:
         """Decode the queries.
 
         Args:
@@ -134,12 +135,16 @@ class DeformableDecoder(nn.Module):
                 :func:`refine_reference` of ``box_heads[i]``'s output, detached (2-D points
                 turn into 4-D boxes after the first layer). ``None``: references stay fixed.
             self_attn_mask: ``[Q, Q]`` bool, True = blocked, for the query self-attention.
+            look_forward_twice: with ``box_heads``, return the refined references *before*
+                detaching them (the next layer still receives them detached), so that a loss on
+                layer ``i + 1``'s boxes reaches layer ``i``'s box prediction (DINO).
 
         Returns:
             hidden: ``[num_layers, B, Q, d]`` every layer's output.
             references: ``num_layers + 1`` tensors ``[B, Q, 2|4]``: ``references[i]`` is the
-            reference layer ``i`` used (``references[0]`` is the input, not detached), the
-            last one is the reference after the last layer.
+            reference layer ``i`` used (``references[0]`` is the input, not detached; later ones
+            detached unless ``look_forward_twice``), the last one is the reference after the
+            last layer.
         """
         if box_heads is not None and len(box_heads) < self.num_layers:
             raise ValueError(f"box refinement needs {self.num_layers} box heads, got "
@@ -157,7 +162,11 @@ class DeformableDecoder(nn.Module):
             output = layer(output, query_pos, reference_input, memory, spatial_shapes,
                            level_start_index, memory_padding_mask, self_attn_mask)
             if box_heads is not None:
-                reference = refine_reference(box_heads[i](output), reference).detach()
-            hidden.append(output)
-            references.append(reference)
+                refined = refine_reference(box_heads[i](output), reference)
+                reference = refined.detach()
+                hidden.append(output)
+                references.append(refined if look_forward_twice else reference)
+            else:
+                hidden.append(output)
+                references.append(reference)
         return torch.stack(hidden), references

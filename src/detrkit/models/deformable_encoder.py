@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -21,8 +22,8 @@ from torch import Tensor, nn
 from detrkit.models.encoder import Activation, build_activation, with_pos
 from detrkit.ops.msda import Backend, MSDeformAttn
 
-__all__ = ["valid_ratio", "encoder_reference_points", "DeformableEncoderLayer",
-           "DeformableEncoder"]
+__all__ = ["valid_ratio", "encoder_reference_points", "FlatLevels", "flatten_levels",
+           "DeformableEncoderLayer", "DeformableEncoder"]
 
 
 def valid_ratio(mask: Tensor) -> Tensor:
@@ -39,6 +40,46 @@ def valid_ratio(mask: Tensor) -> Tensor:
     valid_h = (~mask[:, :, 0]).sum(1)  # [B]
     valid_w = (~mask[:, 0, :]).sum(1)  # [B]
     return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
+
+
+@dataclass
+class FlatLevels:
+    """The ``L`` feature levels flattened row-major into ``S = sum(h_l * w_l)`` tokens.
+
+    tokens: ``[B, S, d]``. padding: ``[B, S]`` bool, True = padding. pos: ``[B, S, d]``
+    position encoding plus the level embedding. spatial_shapes: ``(h_l, w_l)`` per level.
+    level_start_index: ``[L]`` int64 offset of each level. valid_ratios: ``[B, L, 2]``
+    ``(w, h)`` from :func:`valid_ratio`.
+    """
+
+    tokens: Tensor
+    padding: Tensor
+    pos: Tensor
+    spatial_shapes: list[tuple[int, int]]
+    level_start_index: Tensor
+    valid_ratios: Tensor
+
+
+def flatten_levels(srcs: Sequence[Tensor], masks: Sequence[Tensor], pos: Sequence[Tensor],
+                   level_embed: Tensor) -> FlatLevels:
+    """Flatten feature maps ``[B, d, h_l, w_l]``, masks ``[B, h_l, w_l]`` (True = padding) and
+    position encodings ``[B, d, h_l, w_l]``; ``level_embed`` ``[L, d]`` is added to level
+    ``l``'s encoding."""
+    if not (len(srcs) == len(masks) == len(pos) == level_embed.shape[0]):
+        raise ValueError(f"expected {level_embed.shape[0]} feature levels, got {len(srcs)} maps, "
+                         f"{len(masks)} masks, {len(pos)} encodings")
+    spatial_shapes = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]
+    tokens = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # [B, S, d]
+    padding = torch.cat([m.flatten(1) for m in masks], 1)  # [B, S]
+    pos_tokens = torch.cat([p.flatten(2).transpose(1, 2) + level_embed[lvl].view(1, 1, -1)
+                            for lvl, p in enumerate(pos)], 1)  # [B, S, d]
+    starts = [0]
+    for h, w in spatial_shapes[:-1]:
+        starts.append(starts[-1] + h * w)
+    level_start_index = torch.tensor(starts, dtype=torch.int64, device=tokens.device)  # [L]
+    valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)  # [B, L, 2]
+    return FlatLevels(tokens, padding, pos_tokens, spatial_shapes, level_start_index,
+                      valid_ratios)
 
 
 def encoder_reference_points(spatial_shapes: Sequence[tuple[int, int]],

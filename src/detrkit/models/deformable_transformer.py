@@ -39,7 +39,8 @@ from detrkit.models.deformable_decoder import (
     DeformableDecoderLayer,
     refine_reference,
 )
-from detrkit.models.deformable_encoder import DeformableEncoder, DeformableEncoderLayer, valid_ratio
+from detrkit.models.deformable_encoder import (DeformableEncoder, DeformableEncoderLayer,
+                                               flatten_levels)
 from detrkit.models.encoder import Activation
 from detrkit.models.heads import MLP, init_class_head, zero_init_last_layer
 from detrkit.models.interface import DetectionTransformer
@@ -50,7 +51,7 @@ from detrkit.structures import DetectorOutput, LayerOutput, Target
 __all__ = ["DeformableTransformer"]
 
 QueryKind = Literal["reference_points", "two_stage"]
-BoxUpdate = Literal["none", "refine"]
+BoxUpdate = Literal["none", "refine", "look_forward_twice"]
 
 
 class DeformableTransformer(DetectionTransformer):
@@ -72,6 +73,8 @@ class DeformableTransformer(DetectionTransformer):
             boxes and, via a sine embedding, the queries.
         box_update: ``none``: one head shared by all decoder layers, references fixed.
             ``refine``: one head per layer; each layer refines the previous boxes.
+            ``look_forward_twice``: as ``refine``, but layer ``i``'s boxes are computed from
+            layer ``i - 1``'s refined boxes before they are detached (DINO).
         msda_backend: multi-scale deformable attention backend (``auto``: Triton on CUDA
             when available, the PyTorch reference otherwise).
         select_valid_proposals: two-stage only, see :class:`TwoStageQueries`
@@ -102,16 +105,17 @@ class DeformableTransformer(DetectionTransformer):
         if query_kind not in ("reference_points", "two_stage"):
             raise ValueError(f"model.queries.kind: Deformable DETR supports 'reference_points' "
                              f"or 'two_stage', got '{query_kind}'")
-        if box_update not in ("none", "refine"):
-            raise ValueError(f"model.queries.box_update: Deformable DETR supports 'none' or "
-                             f"'refine', got '{box_update}'")
+        if box_update not in ("none", "refine", "look_forward_twice"):
+            raise ValueError(f"model.queries.box_update: expected 'none', 'refine' or "
+                             f"'look_forward_twice', got '{box_update}'")
         if dec_layers < 1:
             raise ValueError(f"model.transformer.dec_layers: must be >= 1, got {dec_layers}")
         self.hidden_dim = hidden_dim
         self.num_levels = num_feature_levels
         self.num_queries = num_queries
         self.two_stage = query_kind == "two_stage"
-        self.refine = box_update == "refine"
+        self.refine = box_update != "none"
+        self.look_forward_twice = box_update == "look_forward_twice"
 
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, hidden_dim))
         enc_layer = DeformableEncoderLayer(hidden_dim, dim_feedforward, dropout, activation,
@@ -185,21 +189,10 @@ class DeformableTransformer(DetectionTransformer):
             two-stage, ``enc`` with logits ``[B, S, C]`` and boxes ``[B, S, 4]`` of every
             encoder token (sigmoid; invalid / padding tokens have boxes exactly 1.0).
         """
-        if not (len(srcs) == len(masks) == len(pos) == self.num_levels):
-            raise ValueError(f"DeformableTransformer expects {self.num_levels} feature levels, "
-                             f"got {len(srcs)} maps, {len(masks)} masks, {len(pos)} encodings")
-        spatial_shapes = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]
-        tokens = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # [B, S, d]
-        padding = torch.cat([m.flatten(1) for m in masks], 1)  # [B, S]
-        pos_tokens = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
-                                for lvl, p in enumerate(pos)], 1)  # [B, S, d]
-        starts = [0]
-        for h, w in spatial_shapes[:-1]:
-            starts.append(starts[-1] + h * w)
-        level_start_index = torch.tensor(starts, dtype=torch.int64, device=tokens.device)  # [L]
-        valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)  # [B, L, 2]
-
-        memory = self.encoder(tokens, pos_tokens, spatial_shapes, level_start_index,
+        flat = flatten_levels(srcs, masks, pos, self.level_embed)
+        tokens, padding, spatial_shapes = flat.tokens, flat.padding, flat.spatial_shapes
+        level_start_index, valid_ratios = flat.level_start_index, flat.valid_ratios
+        memory = self.encoder(tokens, flat.pos, spatial_shapes, level_start_index,
                               valid_ratios, padding)  # [B, S, d]
 
         enc: LayerOutput | None = None
@@ -224,7 +217,8 @@ class DeformableTransformer(DetectionTransformer):
 
         box_heads = list(self.bbox_embed) if self.refine else None
         hidden, references = self.decoder(tgt, query_pos, reference, memory, spatial_shapes,
-                                          level_start_index, valid_ratios, padding, box_heads)
+                                          level_start_index, valid_ratios, padding, box_heads,
+                                          look_forward_twice=self.look_forward_twice)
         layers = []
         for i in range(hidden.shape[0]):
             class_head, box_head = self._heads(i)

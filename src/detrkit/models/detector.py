@@ -29,9 +29,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from detrkit.config import Config, PositionConfig
+from detrkit.config import Config, ConfigError, PositionConfig
+from detrkit.models.anchor_transformer import AnchorDeformableTransformer
 from detrkit.models.backbone import ResNetBackbone
+from detrkit.models.conditional import DABTransformer
 from detrkit.models.deformable_transformer import DeformableTransformer
+from detrkit.models.denoising import DenoisingSettings
 from detrkit.models.interface import DetectionTransformer
 from detrkit.models.neck import ConvProjection, MultiLevelProjection
 from detrkit.models.position import LearnedPositionEncoding, SinePositionEncoding
@@ -117,10 +120,50 @@ def build_position_encoding(cfg: PositionConfig, hidden_dim: int) -> nn.Module:
 
 
 def backbone_levels(cfg: Config) -> list[int]:
-    """ResNet stages the model reads: C5 only for one feature level, else C3-C5."""
+    """ResNet stages the model reads: ``model.backbone.levels`` when set, else C5 only for one
+    feature level and C3-C5 for several."""
+    if cfg.model.backbone.levels is not None:
+        return list(cfg.model.backbone.levels)
     if cfg.model.transformer.num_feature_levels == 1:
         return [4]
     return [2, 3, 4]
+
+
+def build_deformable_part(cfg: Config, num_logits: int, sigmoid: bool) -> DetectionTransformer:
+    """The deformable transformer part: Deformable DETR (queries ``reference_points`` /
+    ``two_stage``) or the anchor decoders of DAB- / DN-Deformable-DETR and DINO (``anchors`` /
+    ``mixed``, optionally with denoising)."""
+    m, t, q = cfg.model, cfg.model.transformer, cfg.model.queries
+    common = dict(hidden_dim=t.hidden_dim, nheads=t.nheads, enc_layers=t.enc_layers,
+                  dec_layers=t.dec_layers, dim_feedforward=t.dim_feedforward, dropout=t.dropout,
+                  activation=t.activation, num_feature_levels=t.num_feature_levels,
+                  enc_n_points=t.enc_n_points, dec_n_points=t.dec_n_points,
+                  num_queries=q.num_queries, msda_backend=t.msda_backend)
+    if q.kind in ("reference_points", "two_stage"):
+        if m.denoising.kind != "none":
+            raise ConfigError(f"model.denoising.kind: denoising needs anchor queries "
+                              f"(model.queries.kind anchors or mixed), got '{q.kind}'")
+        return DeformableTransformer(
+            **common, num_logits=num_logits, sigmoid=sigmoid,  # type: ignore[arg-type]
+            query_kind=q.kind, box_update=q.box_update,
+            select_valid_proposals=q.select_valid_proposals)
+    if q.kind not in ("anchors", "mixed") or not sigmoid:
+        raise ConfigError(f"model.queries.kind: deformable attention takes reference_points, "
+                          f"two_stage, anchors or mixed queries (anchors / mixed with "
+                          f"class_activation=sigmoid), got '{q.kind}' / {m.class_activation}")
+    dn, h = m.denoising, m.heads
+    return AnchorDeformableTransformer(
+        **common, num_classes=m.num_classes, query_kind=q.kind,  # type: ignore[arg-type]
+        box_update=q.box_update, query_scale=t.decoder_query_scale,
+        decoder_norm=t.decoder_norm, share_class_head=h.share_decoder_class,
+        share_box_head=h.share_decoder_box, share_encoder_class_head=h.share_encoder_class,
+        share_encoder_box_head=h.share_encoder_box,
+        select_valid_proposals=q.select_valid_proposals, learned_content=q.learned_content,
+        num_patterns=q.num_patterns, random_refpoints_xy=q.random_refpoints_xy,
+        denoising=None if dn.kind == "none" else dn.kind,
+        denoising_settings=DenoisingSettings(dn.dn_number, dn.label_noise_ratio,
+                                             dn.box_noise_scale),
+        content_indicator=dn.content_indicator, labelbook_size=dn.labelbook_size)
 
 
 def build_model(cfg: Config) -> Detector:
@@ -139,22 +182,7 @@ def build_model(cfg: Config) -> Detector:
     if t.attention == "deformable":
         # Deformable DETR / DAB- / DN-Deformable DETR / DINO: multi-level neck + deformable part.
         neck = MultiLevelProjection(backbone.num_channels, t.hidden_dim, t.num_feature_levels)
-        q = m.queries
-        if q.kind in ("reference_points", "two_stage") and q.box_update in ("none", "refine") \
-                and m.denoising.kind == "none":
-            transformer = DeformableTransformer(
-                hidden_dim=t.hidden_dim, nheads=t.nheads, enc_layers=t.enc_layers,
-                dec_layers=t.dec_layers, dim_feedforward=t.dim_feedforward, dropout=t.dropout,
-                activation=t.activation, num_feature_levels=t.num_feature_levels,
-                enc_n_points=t.enc_n_points, dec_n_points=t.dec_n_points,
-                num_queries=q.num_queries, num_logits=num_logits, sigmoid=sigmoid,
-                query_kind=q.kind, box_update=q.box_update,  # type: ignore[arg-type]
-                msda_backend=t.msda_backend, select_valid_proposals=q.select_valid_proposals)
-        else:
-            raise NotImplementedError(
-                f"model.transformer.attention=deformable with model.queries.kind={q.kind!r}, "
-                f"box_update={q.box_update!r}, model.denoising.kind={m.denoising.kind!r} is not "
-                "available in this build yet")
+        transformer = build_deformable_part(cfg, num_logits, sigmoid)
     elif m.queries.kind == "learned" and m.denoising.kind == "none":
         neck = ConvProjection(backbone.num_channels[-1], t.hidden_dim)
         transformer = DETRTransformer(
@@ -162,10 +190,28 @@ def build_model(cfg: Config) -> Detector:
             dec_layers=t.dec_layers, dim_feedforward=t.dim_feedforward, dropout=t.dropout,
             activation=t.activation, pre_norm=t.pre_norm, num_queries=m.queries.num_queries,
             num_logits=num_logits, sigmoid=sigmoid)
+    elif m.queries.kind == "anchors":
+        # single-scale DAB-DETR / DN-DETR: conditional attention on C5, 4-D anchor queries
+        if not sigmoid or t.pre_norm or m.denoising.kind == "cdn":
+            raise ConfigError(
+                "model.queries.kind: anchors with global attention (DAB-DETR / DN-DETR) needs "
+                "model.class_activation=sigmoid, model.transformer.pre_norm=false and "
+                "model.denoising.kind none or dn")
+        neck = ConvProjection(backbone.num_channels[-1], t.hidden_dim)
+        dn = m.denoising
+        transformer = DABTransformer(
+            hidden_dim=t.hidden_dim, nheads=t.nheads, enc_layers=t.enc_layers,
+            dec_layers=t.dec_layers, dim_feedforward=t.dim_feedforward, dropout=t.dropout,
+            activation=t.activation, num_queries=m.queries.num_queries,
+            num_classes=m.num_classes, num_patterns=m.queries.num_patterns,
+            modulate_hw_attn=t.modulate_hw_attn,
+            random_refpoints_xy=m.queries.random_refpoints_xy,
+            denoising=DenoisingSettings(dn.dn_number, dn.label_noise_ratio, dn.box_noise_scale)
+            if dn.kind == "dn" else None)
     else:
         raise NotImplementedError(
             f"model.queries.kind={m.queries.kind!r} / model.denoising.kind={m.denoising.kind!r} "
-            "with global attention (single-scale DAB-DETR / DN-DETR) is not available yet")
+            "with global attention is not available")
     return Detector(backbone, neck, position, transformer, num_classes=m.num_classes,
                     class_activation=m.class_activation, aux_loss=m.aux_loss)
 

@@ -1,6 +1,11 @@
-"""Two-stage query initialisation (Deformable DETR): every encoder token proposes a box, the
-top-scoring proposals become the decoder's initial boxes and, through a sine embedding of
-those boxes, its queries.
+"""Query initialisation from encoder proposals: every encoder token proposes a box and the
+top-scoring proposals start the decoder.
+
+* :class:`TwoStageQueries` (two-stage Deformable DETR): ranked by the first class logit; the
+  selected boxes give, through a sine embedding, both positional and content queries.
+* :class:`QuerySelection` (DINO's mixed query selection): ranked by the best class logit; the
+  selected boxes are the decoder's initial anchors, the content queries are learned (or the
+  selected features, detached).
 
 Shapes: ``B`` images, ``S`` encoder tokens (all levels flattened row-major), ``Q`` queries,
 ``d`` width. Boxes are normalised cxcywh relative to the valid (unpadded) image; "unact"
@@ -15,7 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["encoder_proposals", "proposal_sine_embedding", "TwoStageQueries"]
+__all__ = ["encoder_proposals", "proposal_sine_embedding", "gather_tokens", "TwoStageQueries",
+           "QuerySelection"]
 
 
 def encoder_proposals(padding_mask: Tensor, spatial_shapes: Sequence[tuple[int, int]],
@@ -83,37 +89,24 @@ def proposal_sine_embedding(boxes_unact: Tensor, num_pos_feats: int = 128,
     return pos.flatten(2)
 
 
-class TwoStageQueries(nn.Module):
-    """The proposal branch of two-stage Deformable DETR (without its class / box heads, which
-    the transformer part owns and passes in).
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """``x`` ``[B, S, k]`` at ``index`` ``[B, Q]`` (int64 token indices) -> ``[B, Q, k]``."""
+    return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
 
-    State dict: ``enc_output`` ``Linear(d, d)``, ``enc_output_norm`` ``LayerNorm(d)``,
-    ``pos_trans`` ``Linear(2d, 2d)``, ``pos_trans_norm`` ``LayerNorm(2d)`` (official names
-    under ``transformer.``).
 
-    Args:
-        d_model: width ``d`` (a multiple of 4: ``d / 2`` sine frequencies per box coordinate).
-        num_queries: proposals kept, ``Q``.
-        base_size: anchor size of the finest level (:func:`encoder_proposals`).
-        select_valid_only: rank padding / invalid tokens last, so that they are never chosen
-            while enough valid tokens exist. ``False`` reproduces the official code, which
-            ranks every token by its score.
-    """
+class _ProposalFeatures(nn.Module):
+    """``enc_output`` ``Linear(d, d)`` + ``enc_output_norm`` ``LayerNorm(d)`` on the encoder
+    memory, and one anchor per token (:func:`encoder_proposals`)."""
 
-    def __init__(self, d_model: int = 256, num_queries: int = 300, base_size: float = 0.05,
-                 select_valid_only: bool = True) -> None:
+    def __init__(self, d_model: int, num_queries: int, base_size: float,
+                 select_valid_only: bool) -> None:
         super().__init__()
-        if d_model % 4 != 0:
-            raise ValueError(f"model.transformer.hidden_dim: two-stage queries need a multiple "
-                             f"of 4, got {d_model}")
         self.d_model = d_model
         self.num_queries = num_queries
         self.base_size = base_size
         self.select_valid_only = select_valid_only
         self.enc_output = nn.Linear(d_model, d_model)
         self.enc_output_norm = nn.LayerNorm(d_model)
-        self.pos_trans = nn.Linear(2 * d_model, 2 * d_model)
-        self.pos_trans_norm = nn.LayerNorm(2 * d_model)
 
     def proposals(self, memory: Tensor, padding_mask: Tensor,
                   spatial_shapes: Sequence[tuple[int, int]]) -> tuple[Tensor, Tensor, Tensor]:
@@ -132,6 +125,43 @@ class TwoStageQueries(nn.Module):
         memory = memory.masked_fill(invalid[..., None], 0.0)
         return self.enc_output_norm(self.enc_output(memory)), proposals, invalid
 
+    def _top(self, scores: Tensor, invalid: Tensor) -> Tensor:
+        """Indices ``[B, Q]`` of the ``Q`` best ``scores`` ``[B, S]``, best first."""
+        if scores.shape[1] < self.num_queries:
+            raise ValueError(f"query selection needs at least num_queries={self.num_queries} "
+                             f"encoder tokens, got {scores.shape[1]}; use larger images or "
+                             "lower model.queries.num_queries")
+        if self.select_valid_only:
+            scores = scores.masked_fill(invalid, float("-inf"))
+        return torch.topk(scores, self.num_queries, dim=1)[1]
+
+
+class TwoStageQueries(_ProposalFeatures):
+    """The proposal branch of two-stage Deformable DETR (without its class / box heads, which
+    the transformer part owns and passes in).
+
+    State dict: ``enc_output`` ``Linear(d, d)``, ``enc_output_norm`` ``LayerNorm(d)``,
+    ``pos_trans`` ``Linear(2d, 2d)``, ``pos_trans_norm`` ``LayerNorm(2d)`` (official names
+    under ``transformer.``).
+
+    Args:
+        d_model: width ``d`` (a multiple of 4: ``d / 2`` sine frequencies per box coordinate).
+        num_queries: proposals kept, ``Q``.
+        base_size: anchor size of the finest level (:func:`encoder_proposals`).
+        select_valid_only: rank padding / invalid tokens last, so that they are never chosen
+            while enough valid tokens exist. ``False`` reproduces the official code, which
+            ranks every token by its score.
+    """
+
+    def __init__(self, d_model: int = 256, num_queries: int = 300, base_size: float = 0.05,
+                 select_valid_only: bool = True) -> None:
+        if d_model % 4 != 0:
+            raise ValueError(f"model.transformer.hidden_dim: two-stage queries need a multiple "
+                             f"of 4, got {d_model}")
+        super().__init__(d_model, num_queries, base_size, select_valid_only)
+        self.pos_trans = nn.Linear(2 * d_model, 2 * d_model)
+        self.pos_trans_norm = nn.LayerNorm(2 * d_model)
+
     def select(self, logits: Tensor, boxes_unact: Tensor, invalid: Tensor) -> Tensor:
         """The ``Q`` best proposals by their first class logit, best first.
 
@@ -142,16 +172,8 @@ class TwoStageQueries(nn.Module):
         Returns:
             ``[B, Q, 4]`` the selected boxes in inverse-sigmoid space, detached.
         """
-        if logits.shape[1] < self.num_queries:
-            raise ValueError(f"two-stage selection needs at least num_queries={self.num_queries} "
-                             f"encoder tokens, got {logits.shape[1]}; use larger images or "
-                             "lower model.queries.num_queries")
-        scores = logits[..., 0]  # [B, S]
-        if self.select_valid_only:
-            scores = scores.masked_fill(invalid, float("-inf"))
-        index = torch.topk(scores, self.num_queries, dim=1)[1]  # [B, Q]
-        chosen = torch.gather(boxes_unact, 1, index[..., None].expand(-1, -1, 4))
-        return chosen.detach()
+        index = self._top(logits[..., 0], invalid)  # [B, Q]
+        return gather_tokens(boxes_unact, index).detach()
 
     def queries(self, boxes_unact: Tensor) -> tuple[Tensor, Tensor]:
         """Positional and content queries from the selected boxes.
@@ -167,3 +189,27 @@ class TwoStageQueries(nn.Module):
         out = self.pos_trans_norm(self.pos_trans(embed.to(self.pos_trans.weight.dtype)))
         query_pos, tgt = torch.split(out, self.d_model, dim=-1)
         return query_pos, tgt
+
+
+class QuerySelection(_ProposalFeatures):
+    """Mixed query selection (DINO): the proposal features of every encoder token, ranked by
+    their largest class logit (the class / box heads are owned by the transformer part).
+
+    State dict: ``enc_output`` ``Linear(d, d)``, ``enc_output_norm`` ``LayerNorm(d)``
+    (official names under ``transformer.``).
+
+    Args:
+        d_model: width ``d``. num_queries: proposals kept, ``Q``.
+        base_size: anchor size of the finest level (:func:`encoder_proposals`).
+        select_valid_only: rank padding / invalid tokens last (``False``: the official
+            ranking of every token by its score).
+    """
+
+    def __init__(self, d_model: int = 256, num_queries: int = 900, base_size: float = 0.05,
+                 select_valid_only: bool = True) -> None:
+        super().__init__(d_model, num_queries, base_size, select_valid_only)
+
+    def select(self, logits: Tensor, invalid: Tensor) -> Tensor:
+        """Token indices ``[B, Q]`` (int64) of the ``Q`` proposals with the largest
+        ``logits.max(-1)``, best first; ``logits`` ``[B, S, C]``, ``invalid`` ``[B, S]``."""
+        return self._top(logits.max(-1)[0], invalid)

@@ -1,0 +1,193 @@
+"""IDEA-Research/DAB-DETR ``dab_detr`` and IDEA-Research/DN-DETR ``dn_dab_detr`` checkpoints
+(the single-scale models, ``models.DAB_DETR.DABDETR`` / ``models.DN_DAB_DETR.DABDETR``).
+
+Official layout -> detrkit layout::
+
+    backbone.0.body.*                         -> backbone.body.*
+    backbone.1.{row,col}_embed.* (learned)    -> position.{row,col}_embed.*
+    input_proj.*                              -> neck.proj.*
+    transformer.encoder.* / decoder.*         -> the same names
+    transformer.patterns.*                    -> transformer.patterns.*
+    refpoint_embed.* / class_embed.* / bbox_embed.* / label_enc.* (DN-DETR)
+                                              -> transformer.refpoint_embed.* / ...
+
+Alias keys: the shared box head is registered twice, ``transformer.decoder.bbox_embed.*`` repeats
+``bbox_embed.*``; it is checked and dropped, and :func:`to_official` writes it back.
+
+Both families share one converter: DN-DETR is recognised by ``use_dn`` / ``modelname`` in the
+arguments or by the ``label_enc`` weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+from torch import Tensor
+
+from detrkit.config import Config, DenoisingConfig, PositionConfig
+from detrkit.convert.keymap import (BACKBONE_RULES, LEARNED_POSITION_RULES, ConversionError,
+                                    KeyRule, drop_aliases, rename)
+from detrkit.convert.official import (Args, FamilyConverter, State, arg, backbone_config,
+                                      count_indices, need, resolve_num_classes)
+from detrkit.presets import get_preset
+
+__all__ = ["RULES", "aliases", "to_config", "from_official", "to_official", "CONVERTER"]
+
+RULES: tuple[KeyRule, ...] = BACKBONE_RULES + LEARNED_POSITION_RULES + (
+    KeyRule("input_proj.", "neck.proj."),
+    KeyRule("transformer.encoder.", "transformer.encoder."),
+    KeyRule("transformer.decoder.", "transformer.decoder."),
+    KeyRule("transformer.patterns.", "transformer.patterns."),
+    KeyRule("refpoint_embed.", "transformer.refpoint_embed."),
+    KeyRule("label_enc.", "transformer.label_enc."),
+    KeyRule("class_embed.", "transformer.class_embed."),
+    KeyRule("bbox_embed.", "transformer.bbox_embed."),
+)
+_ALIAS_PREFIX, _CANONICAL_PREFIX = "transformer.decoder.bbox_embed.", "bbox_embed."
+
+
+def aliases(state: State) -> dict[str, str]:
+    """Alias key -> canonical key (official names) for the tensors of ``state``."""
+    return {k: _CANONICAL_PREFIX + k[len(_ALIAS_PREFIX):] for k in state
+            if k.startswith(_ALIAS_PREFIX)}
+
+
+def _pick(args: Args, name: str, infer: Callable[[], Any]) -> Any:
+    value = arg(args, name)
+    return infer() if value is None else value
+
+
+def _assume(name: str, value: Any) -> Callable[[], Any]:
+    def warn() -> Any:
+        warnings.warn(f"official args: '{name}' cannot be inferred from the weights; assuming "
+                      f"{value}. Pass official_args={{'{name}': ...}} if that is wrong",
+                      stacklevel=4)
+        return value
+    return warn
+
+
+def _position(args: Args, state: State) -> PositionConfig:
+    value = arg(args, "position_embedding")
+    if value is None:
+        value = "learned" if "backbone.1.row_embed.weight" in state else "sine"
+    if value in ("sine", "v2"):
+        return PositionConfig(kind="sine",
+                              temperature_h=float(_pick(args, "pe_temperatureH", lambda: 20)),
+                              temperature_w=float(_pick(args, "pe_temperatureW", lambda: 20)),
+                              normalize=True, offset=0.0)
+    if value in ("learned", "v3"):
+        return PositionConfig(kind="learned")
+    raise ConversionError(f"official args: position_embedding '{value}' is not supported "
+                          "(sine/v2 or learned/v3)")
+
+
+def _activation(args: Args, state: State) -> str:
+    value = arg(args, "transformer_activation")
+    if value is None:
+        if "transformer.encoder.layers.0.activation.weight" in state or \
+                "transformer.decoder.layers.0.activation.weight" in state:
+            return "prelu"
+        return str(_assume("transformer_activation", "relu")())
+    if value not in ("relu", "gelu", "prelu"):
+        raise ConversionError(f"official args: transformer_activation '{value}' is not "
+                              "supported (relu, gelu, prelu)")
+    return str(value)
+
+
+def _uses_dn(args: Args, state: State) -> bool:
+    if arg(args, "use_dn") is not None:
+        return bool(args["use_dn"])
+    if arg(args, "modelname") is not None:
+        return args["modelname"] == "dn_dab_detr"
+    return "label_enc.weight" in state
+
+
+def to_config(args: Args, state: State) -> Config:
+    """DAB-DETR / DN-DETR arguments (possibly partial) + weights -> detrkit config.
+
+    Values come from ``args`` when present, else from the tensor shapes (width and queries
+    from ``refpoint_embed`` / ``class_embed``, layers by counting, FFN width, patterns,
+    classes, PReLU from its weight, width/height modulation from ``ref_anchor_head``).
+    ``nheads`` cannot be inferred (8 is assumed with a warning).
+    """
+    if arg(args, "masks"):
+        raise ConversionError("official args: masks=True (segmentation) is not supported")
+    if arg(args, "pre_norm"):
+        raise ConversionError("official args: pre_norm=True is not supported for DAB-DETR")
+    if arg(args, "contrastive"):
+        raise ConversionError("official args: contrastive=True (DN-DETR) is not supported")
+    dn = _uses_dn(args, state)
+    cfg = get_preset("dn_detr_r50" if dn else "dab_detr_r50")
+    m, t, q = cfg.model, cfg.model.transformer, cfg.model.queries
+    m.backbone = backbone_config(args, state)
+    m.position = _position(args, state)
+    t.hidden_dim = int(_pick(args, "hidden_dim", lambda: need(
+        state, "class_embed.weight", "hidden_dim").shape[1]))
+    q.num_queries = int(_pick(args, "num_queries", lambda: need(
+        state, "refpoint_embed.weight", "num_queries").shape[0]))
+    t.nheads = int(_pick(args, "nheads", _assume("nheads", 8)))
+    t.enc_layers = int(_pick(args, "enc_layers",
+                             lambda: count_indices(state, "transformer.encoder.layers.")))
+    t.dec_layers = int(_pick(args, "dec_layers",
+                             lambda: count_indices(state, "transformer.decoder.layers.")))
+    t.dim_feedforward = int(_pick(args, "dim_feedforward", lambda: need(
+        state, "transformer.decoder.layers.0.linear1.weight", "dim_feedforward").shape[0]))
+    t.dropout = float(_pick(args, "dropout", lambda: 0.0))
+    t.activation = _activation(args, state)  # type: ignore[assignment]
+    t.pre_norm = False
+    t.modulate_hw_attn = not state or \
+        "transformer.decoder.ref_anchor_head.layers.0.weight" in state
+    q.num_patterns = int(_pick(args, "num_patterns", lambda: int(
+        state["transformer.patterns.weight"].shape[0]) if "transformer.patterns.weight" in state
+        else 0))
+    q.random_refpoints_xy = bool(_pick(args, "random_refpoints_xy", lambda: False))
+    m.aux_loss = bool(_pick(args, "aux_loss", lambda: True))
+    rows = int(state["class_embed.weight"].shape[0]) if "class_embed.weight" in state else None
+    m.num_classes = resolve_num_classes(args, rows)
+    if dn:
+        m.denoising = DenoisingConfig(
+            kind="dn", dn_number=int(_pick(args, "scalar", lambda: 5)),
+            label_noise_ratio=float(_pick(args, "label_noise_scale", lambda: 0.2)),
+            box_noise_scale=float(_pick(args, "box_noise_scale", lambda: 0.4)))
+    num_select = int(_pick(args, "num_select", lambda: 300))
+    cfg.postprocess.num_select = min(num_select, q.num_queries * m.num_classes)
+
+    loss, tr = cfg.loss, cfg.train
+    for field_name, key, obj in (
+        ("cost_class", "set_cost_class", loss.matcher),
+        ("cost_bbox", "set_cost_bbox", loss.matcher),
+        ("cost_giou", "set_cost_giou", loss.matcher), ("class_weight", "cls_loss_coef", loss),
+        ("bbox_weight", "bbox_loss_coef", loss), ("giou_weight", "giou_loss_coef", loss),
+        ("focal_alpha", "focal_alpha", loss), ("lr", "lr", tr), ("lr_backbone", "lr_backbone", tr),
+        ("weight_decay", "weight_decay", tr), ("clip_max_norm", "clip_max_norm", tr),
+    ):
+        if arg(args, key) is not None:
+            setattr(obj, field_name, float(args[key]))
+    for field_name, key in (("epochs", "epochs"), ("lr_drop", "lr_drop"),
+                            ("batch_size", "batch_size")):
+        if arg(args, key) is not None:
+            setattr(tr, field_name, int(args[key]))
+    return cfg.validate()
+
+
+def from_official(state: State, cfg: Config) -> tuple[dict[str, Tensor], list[str]]:
+    """Official DAB-DETR / DN-DETR state dict -> detrkit keys (and the keys no rule matched).
+    The decoder's alias of the box head is checked against ``bbox_embed`` and dropped."""
+    source = dict(state)
+    drop_aliases(source, aliases(source), "DAB-DETR checkpoint")
+    return rename(source, RULES, ignore=[r"\.num_batches_tracked$"])
+
+
+def to_official(state: State, cfg: Config) -> dict[str, Tensor]:
+    """detrkit DAB-DETR / DN-DETR state dict -> official key names, alias keys included."""
+    out, unmatched = rename(state, RULES, reverse=True)
+    if unmatched:
+        raise ConversionError(f"keys with no official DAB-DETR name: {unmatched[:10]}")
+    for key in [k for k in out if k.startswith(_CANONICAL_PREFIX)]:
+        out[_ALIAS_PREFIX + key[len(_CANONICAL_PREFIX):]] = out[key]
+    return out
+
+
+CONVERTER = FamilyConverter(family="dab_detr", to_config=to_config, from_official=from_official,
+                            to_official=to_official)
