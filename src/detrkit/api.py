@@ -1,0 +1,272 @@
+"""``Detector``: load or build a model, detect objects in images, evaluate, save.
+
+    from detrkit import Detector
+
+    det = Detector.from_checkpoint("runs/demo/checkpoint_best")
+    for pred in det.predict(["a.jpg", "b.jpg"], threshold=0.5):
+        print(pred.names, pred.scores, pred.boxes_xyxy)   # boxes in pixels of each image
+
+Images may be file paths, PIL images, numpy ``HWC`` uint8 RGB arrays, or ``CHW`` tensors
+(uint8 0..255 or float 0..1, not normalised). Resizing to the model's input size and
+normalisation happen inside; boxes come back in the pixels of the image as given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from detrkit.config import Config, ConfigError, apply_overrides, merge
+from detrkit.structures import LabelMap
+
+__all__ = ["Detector", "Prediction", "ImageInput"]
+
+ImageInput = str | Path | Image.Image | np.ndarray | Tensor
+
+
+@dataclass
+class Prediction:
+    """The detections of one image, in the pixels of that image as it was given.
+
+    boxes_xyxy: ``[K, 4]`` float, absolute ``(x0, y0, x1, y1)``. scores: ``[K]``. labels:
+    ``[K]`` int64 contiguous class indices. names / category_ids: per detection, from the
+    label map. image_size: ``(h, w)`` of the image.
+    """
+
+    boxes_xyxy: Tensor
+    scores: Tensor
+    labels: Tensor
+    names: list[str]
+    category_ids: list[int]
+    image_size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    def to_coco(self, image_id: int) -> list[dict]:
+        """COCO results entries: ``image_id``, ``category_id``, ``bbox`` ``[x, y, w, h]``
+        (absolute pixels), ``score``."""
+        out = []
+        for box, score, cat in zip(self.boxes_xyxy.tolist(), self.scores.tolist(),
+                                   self.category_ids):
+            x0, y0, x1, y1 = box
+            out.append({"image_id": image_id, "category_id": int(cat),
+                        "bbox": [round(v, 3) for v in (x0, y0, x1 - x0, y1 - y0)],
+                        "score": round(float(score), 5)})
+        return out
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    from detrkit.engine.trainer import resolve_device
+
+    return device if isinstance(device, torch.device) else resolve_device(device)
+
+
+def _with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Apply ``from_preset`` keyword overrides: a section (``model={...}``) merged as nested
+    dict, or a dotted key (``**{"train.lr": 1e-4}``)."""
+    for key, value in overrides.items():
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        cfg = merge(cfg, nested)
+    return cfg
+
+
+class Detector:
+    """A detection model with its config and label map, ready to predict.
+
+    model: the :class:`detrkit.models.Detector` module (in eval mode on ``device``).
+    config: the resolved :class:`~detrkit.config.Config`. label_map: class index -> dataset
+    category id -> name (default: ``class_0 ..``).
+    """
+
+    def __init__(self, model: nn.Module, config: Config, label_map: LabelMap | None = None,
+                 device: str | torch.device = "auto") -> None:
+        from detrkit.data.transforms import build_transforms
+        from detrkit.postprocess import build_postprocessor
+
+        self.device = _resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.config = config
+        self.label_map = label_map or LabelMap.default(config.model.num_classes)
+        if len(self.label_map) > config.model.num_classes:
+            raise ConfigError(f"model.num_classes: {config.model.num_classes} but the label map "
+                              f"names {len(self.label_map)} classes")
+        self.postprocessor = build_postprocessor(config)
+        d = config.data
+        self._transforms = build_transforms(d.augment, d.mean, d.std, train=False)
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_preset(cls, name: str, num_classes: int | None = None, *,
+                    device: str | torch.device = "auto", **overrides: Any) -> "Detector":
+        """A randomly initialised model of preset ``name`` (see ``detrkit presets``).
+
+        num_classes: sets ``model.num_classes``. overrides: config sections as nested dicts
+        (``model={"queries": {"num_queries": 50}}``) or dotted keys
+        (``**{"model.queries.num_queries": 50}``).
+        """
+        from detrkit.models import build_model
+        from detrkit.presets import get_preset
+
+        cfg = get_preset(name)
+        if num_classes is not None:
+            cfg = merge(cfg, {"model": {"num_classes": num_classes}})
+        cfg = _with_overrides(cfg, overrides).validate()
+        return cls(build_model(cfg), cfg, LabelMap.default(cfg.model.num_classes), device)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", *,
+                        overrides: Sequence[str] = ()) -> "Detector":
+        """Load a detrkit checkpoint (``<stem>.safetensors`` + ``<stem>.json``; ``path`` may
+        be the stem or either file). overrides: ``a.b=c`` strings applied to its config
+        (for instance data settings used by :meth:`evaluate`)."""
+        from detrkit.checkpoint import load_model
+
+        model, stored, label_map, _ = load_model(path, map_location="cpu")
+        cfg = stored
+        if overrides:
+            cfg = apply_overrides(stored, list(overrides)).validate()
+            if cfg.model != stored.model:
+                raise ConfigError("overrides: model.* cannot change when loading a checkpoint")
+        return cls(model, cfg, label_map, device)
+
+    @classmethod
+    def from_official(cls, path_or_state: str | Path | dict, official_args: Any = None, *,
+                      device: str | torch.device = "auto") -> "Detector":
+        """Convert a checkpoint published by the original authors (DETR, Deformable DETR,
+        DAB-DETR, DN-DETR, DINO; a ``.pth`` path or its loaded dict). official_args: the
+        official argument namespace/dict when the file does not carry one."""
+        from detrkit.convert import load_official
+
+        converted = load_official(path_or_state, official_args=official_args)
+        return cls(converted.model, converted.config, converted.label_map, device)
+
+    # ------------------------------------------------------------------ inference
+
+    @staticmethod
+    def read_image(image: ImageInput) -> Image.Image | Tensor:
+        """``image`` in a form the transforms accept: a path is read as RGB PIL, a numpy
+        ``HWC`` array becomes a PIL image, PIL images and ``CHW`` tensors pass through."""
+        if isinstance(image, (str, Path)):
+            from detrkit.data.images import read_image
+
+            return read_image(image)
+        if isinstance(image, Image.Image):
+            return image.convert("RGB")
+        if isinstance(image, np.ndarray):
+            if image.ndim == 2:
+                image = np.repeat(image[:, :, None], 3, axis=2)
+            if image.ndim != 3 or image.shape[2] not in (3, 4):
+                raise ValueError(f"expected an HWC RGB array, got shape {image.shape}")
+            if image.dtype != np.uint8:
+                raise ValueError(f"expected a uint8 HWC array, got dtype {image.dtype}")
+            return Image.fromarray(np.ascontiguousarray(image[:, :, :3]))
+        if isinstance(image, Tensor):
+            if image.ndim != 3 or image.shape[0] != 3:
+                raise ValueError(f"expected a [3,H,W] tensor, got {tuple(image.shape)}")
+            return image if image.dtype == torch.uint8 else image.float()
+        raise TypeError(f"cannot read an image from {type(image).__name__}; pass a path, a PIL "
+                        "image, an HWC uint8 array or a CHW tensor")
+
+    @torch.no_grad()
+    def predict(self, images: ImageInput | Sequence[ImageInput], threshold: float = 0.5, *,
+                batch_size: int = 8) -> list[Prediction]:
+        """Detect objects in one image or a list of images; one :class:`Prediction` per image
+        (always a list), keeping detections with ``score >= threshold``."""
+        from detrkit.data.collate import images_to_batch
+
+        items = [images] if not isinstance(images, (list, tuple)) else list(images)
+        predictions: list[Prediction] = []
+        for start in range(0, len(items), batch_size):
+            chunk = [self.read_image(item) for item in items[start:start + batch_size]]
+            sizes = [_size_hw(im) for im in chunk]
+            tensors = [self._preprocess(im) for im in chunk]
+            batch = images_to_batch(tensors, orig_sizes=sizes).to(self.device)
+            outputs = self.model(batch.images, batch.mask)
+            detections = self.postprocessor(outputs, batch.orig_sizes)
+            for det, size in zip(detections, sizes):
+                det = det.filter(threshold)
+                labels = det.labels.cpu()
+                predictions.append(Prediction(
+                    boxes_xyxy=det.boxes_xyxy.float().cpu(), scores=det.scores.float().cpu(),
+                    labels=labels, names=[self.label_map.name(i) for i in labels.tolist()],
+                    category_ids=[self._category_id(i) for i in labels.tolist()],
+                    image_size=size))
+        return predictions
+
+    def _category_id(self, index: int) -> int:
+        ids = self.label_map.category_ids
+        return ids[index] if 0 <= index < len(ids) else index
+
+    def _preprocess(self, image: Image.Image | Tensor) -> Tensor:
+        """Val transforms (resize, to tensor, normalise): ``[3, h, w]`` float."""
+        return self._transforms(image).image
+
+    # ------------------------------------------------------------------ evaluation, saving
+
+    def evaluate(self, images: str | Path | None = None, annotations: str | Path | None = None,
+                 *, batch_size: int | None = None, results_path: str | Path | None = None,
+                 progress: bool = True) -> dict[str, float]:
+        """COCO metrics (``AP``, ``AP50``, ...) on a COCO-format set (``images`` folder +
+        ``annotations`` JSON), or, when both are None, on the validation set of the config.
+        results_path: also write the detections as a COCO results JSON. The annotations'
+        categories are matched to the model's classes through :attr:`label_map`."""
+        from detrkit.data.build import build_loader
+        from detrkit.data.coco import CocoDetection
+        from detrkit.engine.loop import evaluate
+        from detrkit.evaluation import CocoEvaluator
+
+        if (images is None) != (annotations is None):
+            raise ValueError("Detector.evaluate: give both images and annotations, or neither")
+        if images is None or annotations is None:
+            images, annotations = _val_split(self.config)
+        dataset = CocoDetection(images, annotations, self._transforms, train=False,
+                                label_map=self.label_map)
+        loader = build_loader(dataset, batch_size or self.config.train.batch_size, train=False,
+                              num_workers=self.config.data.num_workers, seed=0)
+        evaluator = CocoEvaluator(dataset.annotations_file, self.label_map)
+        metrics = evaluate(self.model, self.postprocessor, loader, evaluator, self.device,
+                           amp="none", progress=progress)
+        if results_path is not None:
+            evaluator.save_results(results_path)
+        return metrics
+
+    def save(self, path: str | Path) -> Path:
+        """Write a detrkit checkpoint: ``<path>.safetensors`` + ``<path>.json``; returns the
+        name (``path`` without suffix)."""
+        from detrkit.checkpoint import save_checkpoint
+
+        return save_checkpoint(path, self.model, self.config, self.label_map).with_suffix("")
+
+    def __repr__(self) -> str:
+        return (f"Detector({self.config.model.transformer.attention} attention, "
+                f"{len(self.label_map)} classes, device={self.device})")
+
+
+def _val_split(cfg: Config) -> tuple[Path, Path]:
+    """Images folder and annotation file of the validation set described by ``cfg.data``."""
+    d = cfg.data
+    if d.format == "synthetic":
+        from detrkit.data.synthetic import generate_shapes
+
+        paths = generate_shapes(Path(d.root), d.synthetic)  # a no-op when already there
+        return paths.val_images, paths.val_annotations
+    if d.val_images is None or d.val_annotations is None:
+        raise ConfigError("data.val_images / data.val_annotations: needed to evaluate")
+    return Path(d.val_images), Path(d.val_annotations)
+
+
+def _size_hw(image: Image.Image | Tensor) -> tuple[int, int]:
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    return int(image.shape[-2]), int(image.shape[-1])

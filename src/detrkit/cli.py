@@ -1,0 +1,332 @@
+"""The ``detrkit`` command.
+
+    detrkit train --preset test_detr_tiny --set train.epochs=3 --output-dir runs/tiny
+    detrkit train --resume runs/tiny/checkpoint_last --set train.epochs=6
+    detrkit eval --checkpoint runs/tiny/checkpoint_best [--images DIR --annotations FILE]
+    detrkit predict img1.jpg img2.jpg --checkpoint runs/tiny/checkpoint_best --out preds
+    detrkit presets | convert SRC DST | check-data --images DIR --annotations FILE
+    detrkit bench msda [...] | demo [--out DIR]
+
+A mistake of the user (a bad config key or value, an unknown preset, a missing file, a broken
+dataset) is reported as one line ``detrkit: error: ...`` on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from detrkit.config import Config
+
+__all__ = ["main", "UsageError"]
+
+PROG = "detrkit"
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its inputs; printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors raised as :class:`UsageError` (one line, no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "the input is wrong", not "detrkit is broken"."""
+    from detrkit.config import ConfigError
+    from detrkit.data.errors import DatasetError
+
+    return (UsageError, ConfigError, DatasetError, FileNotFoundError, NotADirectoryError,
+            IsADirectoryError)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _existing(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: {what} not found")
+    return p
+
+
+def _checkpoint_path(path: str) -> Path:
+    """The name (path without suffix) of the detrkit checkpoint ``path`` (given as the name,
+    or either of its two files), checked to exist."""
+    from detrkit.checkpoint import checkpoint_paths
+
+    files = checkpoint_paths(path)
+    for key in ("meta", "weights"):
+        if not files[key].is_file():
+            raise FileNotFoundError(f"{files[key]}: checkpoint file not found (a detrkit "
+                                    "checkpoint is <name>.safetensors + <name>.json)")
+    return files["meta"].with_suffix("")
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """Report a checkpoint that cannot be read (bad JSON, wrong format, bad config) as a user
+    error naming the file."""
+    try:
+        yield
+    except ValueError as err:
+        raise UsageError(f"{path}: {err}" if str(path) not in str(err) else str(err)) from None
+
+
+def _train_config(args: argparse.Namespace) -> Config:
+    """The config of ``detrkit train``: --config / --preset / the checkpoint of --resume, then
+    --set, --output-dir and --device on top."""
+    from detrkit.config import apply_overrides, load_config
+    from detrkit.presets import get_preset
+
+    overrides = list(args.set or [])
+    if args.output_dir is not None:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    if args.device is not None:
+        overrides.append(f"train.device={args.device}")
+    if args.config is not None:
+        return load_config(_existing(args.config, "config file"), overrides)
+    if args.preset is not None:
+        return apply_overrides(get_preset(args.preset), overrides).validate()
+    if args.resume is not None:  # continue with the config stored in the checkpoint
+        from detrkit.checkpoint import load_checkpoint
+
+        stem = _checkpoint_path(args.resume)
+        with _reading(stem):
+            _, cfg, _, _ = load_checkpoint(stem)
+        return apply_overrides(cfg, overrides).validate()
+    raise UsageError("train: give --config FILE or --preset NAME (or --resume CHECKPOINT)")
+
+
+def _describe(cfg: Config) -> str:
+    """A one-line summary of a preset's config."""
+    m = cfg.model
+    t, q = m.transformer, m.queries
+    backbone = m.backbone.name + ("-DC5" if m.backbone.dilation else "")
+    parts = [backbone, f"{t.attention} attention", f"{t.num_feature_levels} level(s)",
+             f"{t.enc_layers}+{t.dec_layers} layers x {t.hidden_dim}",
+             f"{q.num_queries} {q.kind} queries"]
+    if q.box_update != "none":
+        parts.append(f"box update {q.box_update}")
+    if m.denoising.kind != "none":
+        parts.append(f"{m.denoising.kind.upper()} denoising")
+    parts.append(f"{cfg.loss.class_loss} loss, {m.num_classes} classes, "
+                 f"{cfg.train.epochs} epochs")
+    return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from detrkit.engine import Trainer
+
+    cfg = _train_config(args)
+    resume = _checkpoint_path(args.resume) if args.resume is not None else None
+    result = Trainer(cfg, progress=not args.quiet).fit(resume=resume)
+    print(f"done: {result.epochs} epochs, best AP {max(result.best_ap, 0.0):.4f}")
+    print(f"  checkpoints: {result.last_checkpoint}.safetensors"
+          + (f", {result.best_checkpoint}.safetensors" if result.best_checkpoint else ""))
+    print(f"  metrics:     {result.output_dir / 'metrics.jsonl'}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from detrkit.api import Detector
+
+    if (args.images is None) != (args.annotations is None):
+        raise UsageError("eval: give both --images and --annotations (or neither, to use the "
+                         "validation set of the checkpoint's config)")
+    stem = _checkpoint_path(args.checkpoint)
+    with _reading(stem):
+        detector = Detector.from_checkpoint(stem, device=args.device, overrides=args.set or [])
+    out = Path(args.out) if args.out is not None else stem.parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "coco_results.json"
+    metrics = detector.evaluate(
+        _existing(args.images, "image folder") if args.images else None,
+        _existing(args.annotations, "annotation file") if args.annotations else None,
+        results_path=results_path, progress=not args.quiet)
+    metrics_path = out / "metrics.json"
+    metrics_path.write_text(json.dumps(metrics, indent=1))
+    for key, value in metrics.items():
+        print(f"{key:>6}  {value:.4f}")
+    print(f"metrics: {metrics_path}\nresults: {results_path}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from detrkit.api import Detector
+    from detrkit.viz import draw_detections, to_pil
+
+    paths = [_existing(p, "image") for p in args.images]
+    stem = _checkpoint_path(args.checkpoint)
+    with _reading(stem):
+        detector = Detector.from_checkpoint(stem, device=args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for index, path in enumerate(paths):
+        (pred,) = detector.predict(path, threshold=args.threshold)
+        results.extend({**r, "file_name": str(path)} for r in pred.to_coco(image_id=index))
+        image = draw_detections(to_pil(detector.read_image(path)), pred.boxes_xyxy,
+                                pred.labels, pred.scores, pred.names)
+        picture = out / f"{path.stem}.png"
+        image.save(picture)
+        print(f"{path}: {len(pred)} detections -> {picture}")
+    results_path = out / "predictions.json"
+    results_path.write_text(json.dumps(results, indent=1))
+    print(f"results: {results_path}")
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from detrkit.presets import get_preset, list_presets
+
+    names = list_presets()
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {_describe(get_preset(name))}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from detrkit.convert.official import convert_checkpoint
+
+    src = _existing(args.src, "official checkpoint")
+    with _reading(src):  # ConversionError (a ValueError) names the keys that do not fit
+        meta = convert_checkpoint(src, args.dst)
+    print(f"wrote {meta.with_suffix('.safetensors')} and {meta}")
+    return 0
+
+
+def _cmd_check_data(args: argparse.Namespace) -> int:
+    images = _existing(args.images, "image folder")
+    annotations = _existing(args.annotations, "annotation file")
+    from detrkit.data.check import check_dataset
+
+    report = check_dataset(images, annotations)
+    print(report)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from detrkit.bench import run_msda_benchmark
+
+    return run_msda_benchmark(list(args.args))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from detrkit.demo import run_demo
+
+    run_demo(out_dir=args.out, epochs=args.epochs, preset=args.preset,
+             overrides=args.set or [], progress=not args.quiet)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from detrkit.demo import DEFAULT_PRESET
+
+    parser = _Parser(prog=PROG, description="The DETR family of object detectors.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train a detector")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--config", metavar="FILE", help="YAML config (may name a 'preset')")
+    source.add_argument("--preset", metavar="NAME", help="start from a preset (see 'presets')")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=12 (repeatable)")
+    p.add_argument("--output-dir", metavar="DIR", help="same as --set train.output_dir=DIR")
+    p.add_argument("--resume", metavar="CHECKPOINT",
+                   help="continue a run from its checkpoint_last (optimiser, schedule, RNG)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (same as --set train.device=)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="COCO metrics of a checkpoint on a validation set")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    p.add_argument("--images", metavar="DIR", help="validation images (COCO format data)")
+    p.add_argument("--annotations", metavar="FILE", help="COCO JSON of --images")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override the checkpoint's config (data.*, train.batch_size, ...)")
+    p.add_argument("--out", metavar="DIR", help="where metrics.json and "
+                   "coco_results.json go (default: eval/ beside the checkpoint)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("predict", help="detect objects in images, draw and save them")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--threshold", type=float, default=0.5, help="minimum score (0.5)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("presets", help="list the named configurations")
+    p.set_defaults(func=_cmd_presets)
+
+    p = sub.add_parser("convert", help="convert an official checkpoint to detrkit's format")
+    p.add_argument("src", metavar="SRC", help="official .pth checkpoint")
+    p.add_argument("dst", metavar="DST", help="detrkit checkpoint to write (without suffix)")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("check-data", help="validate a COCO-format dataset")
+    p.add_argument("--images", required=True, metavar="DIR")
+    p.add_argument("--annotations", required=True, metavar="FILE")
+    p.set_defaults(func=_cmd_check_data)
+
+    p = sub.add_parser("bench", help="micro-benchmarks ('bench msda --help')")
+    p.add_argument("what", choices=["msda"])
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("demo", help="train a small detector on synthetic shapes (CPU, minutes)")
+    p.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (demo_out)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the demo's schedule)")
+    p.add_argument("--preset", default=DEFAULT_PRESET, metavar="NAME",
+                   help=f"preset to train ({DEFAULT_PRESET})")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a value of the demo's config (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``detrkit`` command line; returns the exit status."""
+    parser = build_parser()
+    errors = _user_errors()
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+        if args.version:
+            import detrkit
+
+            print(f"detrkit {detrkit.__version__}")
+            return 0
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return int(args.func(args) or 0)
+    except SystemExit as exit_:  # --help
+        return exit_.code if isinstance(exit_.code, int) else 0
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except errors as err:
+        message = " ".join(str(err).split()) or type(err).__name__  # one line
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
