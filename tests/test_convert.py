@@ -18,7 +18,7 @@ from detrkit.convert import (ConversionError, coco_label_map, convert_checkpoint
                              from_official, load_official, official_to_config, read_checkpoint,
                              to_official_state_dict)
 from detrkit.convert.keymap import KeyRule, drop_aliases, rename
-from detrkit.convert.official import infer_backbone, resolve_num_classes
+from detrkit.convert.official import apply_training_args, infer_backbone, resolve_num_classes
 from detrkit.models import build_model
 from detrkit.models.backbone import ResNetBackbone
 from detrkit.presets import get_preset
@@ -228,6 +228,27 @@ def test_official_to_config_from_args_only():
     assert (cfg.train.epochs, cfg.train.lr_drop, cfg.loss.eos_coef) == (300, 200, 0.1)
     with pytest.raises(ConversionError, match="hidden_dim"):
         official_to_config({"backbone": "resnet50", "dilation": False})
+
+
+def test_training_args_of_every_family_reach_the_config():
+    official = {"set_cost_class": 3, "set_cost_bbox": 4, "set_cost_giou": 5, "cls_loss_coef": 6,
+                "bbox_loss_coef": 7, "giou_loss_coef": 8, "eos_coef": 0.3, "focal_alpha": 0.4,
+                "lr": 1e-3, "lr_backbone": 1e-4, "lr_linear_proj_mult": 0.5,
+                "weight_decay": 0.05, "clip_max_norm": 0.2, "epochs": 9, "lr_drop": 7,
+                "batch_size": 3, "unrelated": "ignored"}
+    cfg = get_preset("test_dino_tiny")
+    apply_training_args(cfg, official)
+    m, loss, tr = cfg.loss.matcher, cfg.loss, cfg.train
+    assert (m.cost_class, m.cost_bbox, m.cost_giou) == (3, 4, 5)
+    assert (loss.class_weight, loss.bbox_weight, loss.giou_weight) == (6, 7, 8)
+    assert (loss.eos_coef, loss.focal_alpha) == (0.3, 0.4)
+    assert (tr.lr, tr.lr_backbone, tr.lr_linear_proj_mult) == (1e-3, 1e-4, 0.5)
+    assert (tr.weight_decay, tr.clip_max_norm) == (0.05, 0.2)
+    assert (tr.epochs, tr.lr_drop, tr.batch_size) == (9, 7, 3)
+    assert all(type(v) is int for v in (tr.epochs, tr.lr_drop, tr.batch_size))
+    before = get_preset("test_dino_tiny")
+    apply_training_args(before, {"lr": None})  # a null argument keeps the preset's value
+    assert before.train.lr == get_preset("test_dino_tiny").train.lr
 
 
 # ----------------------------------------------------------------------------- strictness

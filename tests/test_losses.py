@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from detrkit.config import Config
 from detrkit.losses import SetCriterion, build_criterion, sigmoid_focal_loss
 from detrkit.matching import HungarianMatcher
-from detrkit.structures import DenoisingOutput, DetectorOutput, LayerOutput, Target
+from detrkit.structures import DetectorOutput, LayerOutput, Target
 
 NUM_CLASSES = 4
 

@@ -344,7 +344,7 @@ def test_every_official_configuration_round_trips(levels: int, refine: bool,
     official = conv.to_official(model.state_dict(), cfg)
     num_pred = 2 + int(two_stage)
     assert f"class_embed.{num_pred - 1}.weight" in official
-    assert (f"transformer.decoder.bbox_embed.0.layers.0.weight" in official) == refine
+    assert ("transformer.decoder.bbox_embed.0.layers.0.weight" in official) == refine
     assert ("transformer.decoder.class_embed.0.weight" in official) == two_stage
     assert ("query_embed.weight" in official) != two_stage
     assert sum(k.startswith("input_proj.") and k.endswith(".0.weight") for k in official) == levels

@@ -30,13 +30,12 @@ from typing import Sequence
 from torch import Tensor
 
 from detrkit.config import Config
-from detrkit.convert.deformable_detr import (apply_training_args, heads_and_points, pick,
-                                             sine_or_learned_position)
-from detrkit.convert.keymap import (BACKBONE_RULES, LEARNED_POSITION_RULES,
-                                    MULTI_LEVEL_NECK_RULES, ConversionError, KeyRule,
-                                    drop_aliases, rename)
-from detrkit.convert.official import (Args, FamilyConverter, State, arg, backbone_config,
-                                      count_indices, need, resolve_num_classes)
+from detrkit.convert.deformable_detr import heads_and_points, sine_or_learned_position
+from detrkit.convert.keymap import (BACKBONE_RULES, LEARNED_POSITION_RULES, MULTI_LEVEL_NECK_RULES,
+                                    ConversionError, KeyRule, drop_aliases, rename)
+from detrkit.convert.official import (Args, FamilyConverter, State, apply_training_args, arg,
+                                      backbone_config, count_indices, need, pick,
+                                      resolve_num_classes)
 from detrkit.presets import get_preset
 
 __all__ = ["RULES", "alias_prefixes", "alias_map", "add_aliases", "is_denoising",

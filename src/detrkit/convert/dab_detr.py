@@ -20,16 +20,14 @@ arguments or by the ``label_enc`` weights.
 
 from __future__ import annotations
 
-import warnings
-from typing import Any, Callable
-
 from torch import Tensor
 
 from detrkit.config import Config, DenoisingConfig, PositionConfig
 from detrkit.convert.keymap import (BACKBONE_RULES, LEARNED_POSITION_RULES, ConversionError,
                                     KeyRule, drop_aliases, rename)
-from detrkit.convert.official import (Args, FamilyConverter, State, arg, backbone_config,
-                                      count_indices, need, resolve_num_classes)
+from detrkit.convert.official import (Args, FamilyConverter, State, apply_training_args, arg,
+                                      assume, backbone_config, count_indices, need, pick,
+                                      position_kind, resolve_num_classes)
 from detrkit.presets import get_preset
 
 __all__ = ["RULES", "aliases", "to_config", "from_official", "to_official", "CONVERTER"]
@@ -53,33 +51,13 @@ def aliases(state: State) -> dict[str, str]:
             if k.startswith(_ALIAS_PREFIX)}
 
 
-def _pick(args: Args, name: str, infer: Callable[[], Any]) -> Any:
-    value = arg(args, name)
-    return infer() if value is None else value
-
-
-def _assume(name: str, value: Any) -> Callable[[], Any]:
-    def warn() -> Any:
-        warnings.warn(f"official args: '{name}' cannot be inferred from the weights; assuming "
-                      f"{value}. Pass official_args={{'{name}': ...}} if that is wrong",
-                      stacklevel=4)
-        return value
-    return warn
-
-
 def _position(args: Args, state: State) -> PositionConfig:
-    value = arg(args, "position_embedding")
-    if value is None:
-        value = "learned" if "backbone.1.row_embed.weight" in state else "sine"
-    if value in ("sine", "v2"):
-        return PositionConfig(kind="sine",
-                              temperature_h=float(_pick(args, "pe_temperatureH", lambda: 20)),
-                              temperature_w=float(_pick(args, "pe_temperatureW", lambda: 20)),
-                              normalize=True, offset=0.0)
-    if value in ("learned", "v3"):
+    if position_kind(args, state) == "learned":
         return PositionConfig(kind="learned")
-    raise ConversionError(f"official args: position_embedding '{value}' is not supported "
-                          "(sine/v2 or learned/v3)")
+    return PositionConfig(kind="sine",
+                          temperature_h=float(pick(args, "pe_temperatureH", lambda: 20)),
+                          temperature_w=float(pick(args, "pe_temperatureW", lambda: 20)),
+                          normalize=True, offset=0.0)
 
 
 def _activation(args: Args, state: State) -> str:
@@ -88,7 +66,7 @@ def _activation(args: Args, state: State) -> str:
         if "transformer.encoder.layers.0.activation.weight" in state or \
                 "transformer.decoder.layers.0.activation.weight" in state:
             return "prelu"
-        return str(_assume("transformer_activation", "relu")())
+        return str(assume("transformer_activation", "relu"))
     if value not in ("relu", "gelu", "prelu"):
         raise ConversionError(f"official args: transformer_activation '{value}' is not "
                               "supported (relu, gelu, prelu)")
@@ -122,52 +100,38 @@ def to_config(args: Args, state: State) -> Config:
     m, t, q = cfg.model, cfg.model.transformer, cfg.model.queries
     m.backbone = backbone_config(args, state)
     m.position = _position(args, state)
-    t.hidden_dim = int(_pick(args, "hidden_dim", lambda: need(
+    t.hidden_dim = int(pick(args, "hidden_dim", lambda: need(
         state, "class_embed.weight", "hidden_dim").shape[1]))
-    q.num_queries = int(_pick(args, "num_queries", lambda: need(
+    q.num_queries = int(pick(args, "num_queries", lambda: need(
         state, "refpoint_embed.weight", "num_queries").shape[0]))
-    t.nheads = int(_pick(args, "nheads", _assume("nheads", 8)))
-    t.enc_layers = int(_pick(args, "enc_layers",
-                             lambda: count_indices(state, "transformer.encoder.layers.")))
-    t.dec_layers = int(_pick(args, "dec_layers",
-                             lambda: count_indices(state, "transformer.decoder.layers.")))
-    t.dim_feedforward = int(_pick(args, "dim_feedforward", lambda: need(
+    t.nheads = int(pick(args, "nheads", lambda: assume("nheads", 8)))
+    t.enc_layers = int(pick(args, "enc_layers",
+                            lambda: count_indices(state, "transformer.encoder.layers.")))
+    t.dec_layers = int(pick(args, "dec_layers",
+                            lambda: count_indices(state, "transformer.decoder.layers.")))
+    t.dim_feedforward = int(pick(args, "dim_feedforward", lambda: need(
         state, "transformer.decoder.layers.0.linear1.weight", "dim_feedforward").shape[0]))
-    t.dropout = float(_pick(args, "dropout", lambda: 0.0))
+    t.dropout = float(pick(args, "dropout", lambda: 0.0))
     t.activation = _activation(args, state)  # type: ignore[assignment]
     t.pre_norm = False
     t.modulate_hw_attn = not state or \
         "transformer.decoder.ref_anchor_head.layers.0.weight" in state
-    q.num_patterns = int(_pick(args, "num_patterns", lambda: int(
+    q.num_patterns = int(pick(args, "num_patterns", lambda: int(
         state["transformer.patterns.weight"].shape[0]) if "transformer.patterns.weight" in state
         else 0))
-    q.random_refpoints_xy = bool(_pick(args, "random_refpoints_xy", lambda: False))
-    m.aux_loss = bool(_pick(args, "aux_loss", lambda: True))
+    q.random_refpoints_xy = bool(pick(args, "random_refpoints_xy", lambda: False))
+    m.aux_loss = bool(pick(args, "aux_loss", lambda: True))
     rows = int(state["class_embed.weight"].shape[0]) if "class_embed.weight" in state else None
     m.num_classes = resolve_num_classes(args, rows)
     if dn:
         m.denoising = DenoisingConfig(
-            kind="dn", dn_number=int(_pick(args, "scalar", lambda: 5)),
-            label_noise_ratio=float(_pick(args, "label_noise_scale", lambda: 0.2)),
-            box_noise_scale=float(_pick(args, "box_noise_scale", lambda: 0.4)))
-    num_select = int(_pick(args, "num_select", lambda: 300))
+            kind="dn", dn_number=int(pick(args, "scalar", lambda: 5)),
+            label_noise_ratio=float(pick(args, "label_noise_scale", lambda: 0.2)),
+            box_noise_scale=float(pick(args, "box_noise_scale", lambda: 0.4)))
+    num_select = int(pick(args, "num_select", lambda: 300))
     cfg.postprocess.num_select = min(num_select, q.num_queries * m.num_classes)
 
-    loss, tr = cfg.loss, cfg.train
-    for field_name, key, obj in (
-        ("cost_class", "set_cost_class", loss.matcher),
-        ("cost_bbox", "set_cost_bbox", loss.matcher),
-        ("cost_giou", "set_cost_giou", loss.matcher), ("class_weight", "cls_loss_coef", loss),
-        ("bbox_weight", "bbox_loss_coef", loss), ("giou_weight", "giou_loss_coef", loss),
-        ("focal_alpha", "focal_alpha", loss), ("lr", "lr", tr), ("lr_backbone", "lr_backbone", tr),
-        ("weight_decay", "weight_decay", tr), ("clip_max_norm", "clip_max_norm", tr),
-    ):
-        if arg(args, key) is not None:
-            setattr(obj, field_name, float(args[key]))
-    for field_name, key in (("epochs", "epochs"), ("lr_drop", "lr_drop"),
-                            ("batch_size", "batch_size")):
-        if arg(args, key) is not None:
-            setattr(tr, field_name, int(args[key]))
+    apply_training_args(cfg, args)
     return cfg.validate()
 
 

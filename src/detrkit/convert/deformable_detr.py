@@ -23,21 +23,20 @@ same values and dropped; :func:`to_official` writes them back.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable
 
 from torch import Tensor
 
 from detrkit.config import Config, PositionConfig
-from detrkit.convert.keymap import (BACKBONE_RULES, LEARNED_POSITION_RULES,
-                                    MULTI_LEVEL_NECK_RULES, ConversionError, KeyRule,
-                                    drop_aliases, rename)
-from detrkit.convert.official import (Args, FamilyConverter, State, arg, backbone_config,
-                                      count_indices, need, resolve_num_classes)
+from detrkit.convert.keymap import (BACKBONE_RULES, LEARNED_POSITION_RULES, MULTI_LEVEL_NECK_RULES,
+                                    ConversionError, KeyRule, drop_aliases, rename)
+from detrkit.convert.official import (Args, FamilyConverter, State, apply_training_args, arg,
+                                      assume, backbone_config, count_indices, need, pick,
+                                      position_kind, resolve_num_classes)
 from detrkit.presets import get_preset
 
-__all__ = ["rules", "aliases", "pick", "assume", "sine_or_learned_position", "heads_and_points",
-           "apply_training_args", "to_config", "from_official", "to_official", "CONVERTER"]
+__all__ = ["rules", "aliases", "sine_or_learned_position", "heads_and_points",
+           "to_config", "from_official", "to_official", "CONVERTER"]
 
 _TWO_STAGE_PARTS = ("enc_output", "enc_output_norm", "pos_trans", "pos_trans_norm")
 
@@ -88,30 +87,11 @@ def aliases(cfg: Config, state: State) -> dict[str, str]:
     return out
 
 
-def pick(args: Args, name: str, infer: Callable[[], Any]) -> Any:
-    """``args[name]`` when given, else ``infer()`` (e.g. a value read from the tensor shapes)."""
-    value = arg(args, name)
-    return infer() if value is None else value
-
-
-def assume(name: str, value: Any) -> Any:
-    """Warn that ``name`` cannot be inferred and ``value`` is assumed; return ``value``."""
-    warnings.warn(f"official args: '{name}' cannot be inferred from the weights; assuming "
-                  f"{value}. Pass official_args={{'{name}': ...}} if that is wrong", stacklevel=4)
-    return value
-
-
 def sine_or_learned_position(args: Args, state: State) -> PositionConfig:
     """The Deformable DETR position encoding (sine with the 0.5 offset, or learned)."""
-    value = arg(args, "position_embedding")
-    if value is None:
-        value = "learned" if "backbone.1.row_embed.weight" in state else "sine"
-    if value in ("sine", "v2"):
-        return PositionConfig(kind="sine", offset=0.5)
-    if value in ("learned", "v3"):
+    if position_kind(args, state) == "learned":
         return PositionConfig(kind="learned")
-    raise ConversionError(f"official args: position_embedding '{value}' is not supported "
-                          "(sine/v2 or learned/v3)")
+    return PositionConfig(kind="sine", offset=0.5)
 
 
 def _refine(state: State) -> bool:
@@ -158,28 +138,6 @@ def heads_and_points(args: Args, state: State, levels: int) -> tuple[int, int, i
 
     return (int(nheads), points(enc_points, enc_rows, "enc_n_points"),
             points(dec_points, dec_rows, "dec_n_points"))
-
-
-def apply_training_args(cfg: Config, args: Args) -> None:
-    """Copy the matcher / loss coefficients and the optimiser schedule of the official
-    arguments (``set_cost_*``, ``*_loss_coef``, ``focal_alpha``, ``lr*``, ``weight_decay``,
-    ``clip_max_norm``, ``epochs``, ``lr_drop``, ``batch_size``) into ``cfg`` (in place)."""
-    loss, tr = cfg.loss, cfg.train
-    for field_name, key, obj in (
-        ("cost_class", "set_cost_class", loss.matcher),
-        ("cost_bbox", "set_cost_bbox", loss.matcher),
-        ("cost_giou", "set_cost_giou", loss.matcher), ("class_weight", "cls_loss_coef", loss),
-        ("bbox_weight", "bbox_loss_coef", loss), ("giou_weight", "giou_loss_coef", loss),
-        ("focal_alpha", "focal_alpha", loss), ("lr", "lr", tr), ("lr_backbone", "lr_backbone", tr),
-        ("lr_linear_proj_mult", "lr_linear_proj_mult", tr), ("weight_decay", "weight_decay", tr),
-        ("clip_max_norm", "clip_max_norm", tr),
-    ):
-        if arg(args, key) is not None:
-            setattr(obj, field_name, float(args[key]))
-    for field_name, key in (("epochs", "epochs"), ("lr_drop", "lr_drop"),
-                            ("batch_size", "batch_size")):
-        if arg(args, key) is not None:
-            setattr(tr, field_name, int(args[key]))
 
 
 def to_config(args: Args, state: State) -> Config:

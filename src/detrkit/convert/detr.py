@@ -13,16 +13,16 @@ Official layout -> detrkit layout::
 
 from __future__ import annotations
 
-import warnings
-from typing import Any, Callable
+from typing import Callable
 
 from torch import Tensor
 
 from detrkit.config import Config, PositionConfig
 from detrkit.convert.keymap import (BACKBONE_RULES, LEARNED_POSITION_RULES, ConversionError,
                                     KeyRule, rename)
-from detrkit.convert.official import (Args, FamilyConverter, State, arg, backbone_config,
-                                      count_indices, need, resolve_num_classes)
+from detrkit.convert.official import (Args, FamilyConverter, State, apply_training_args, arg,
+                                      assume, backbone_config, count_indices, need, pick,
+                                      position_kind, resolve_num_classes)
 from detrkit.presets import get_preset
 
 __all__ = ["RULES", "to_config", "from_official", "to_official", "CONVERTER"]
@@ -39,32 +39,6 @@ RULES: tuple[KeyRule, ...] = BACKBONE_RULES + LEARNED_POSITION_RULES + (
 )
 
 
-def _pick(args: Args, name: str, infer: Callable[[], Any]) -> Any:
-    value = arg(args, name)
-    return infer() if value is None else value
-
-
-def _default(name: str, value: Any) -> Callable[[], Any]:
-    def warn() -> Any:
-        warnings.warn(f"official args: '{name}' cannot be inferred from the weights; assuming "
-                      f"{value}. Pass official_args={{'{name}': ...}} if that is wrong",
-                      stacklevel=4)
-        return value
-    return warn
-
-
-def _position_kind(args: Args, state: State) -> str:
-    value = arg(args, "position_embedding")
-    if value is None:
-        return "learned" if "backbone.1.row_embed.weight" in state else "sine"
-    if value in ("sine", "v2"):
-        return "sine"
-    if value in ("learned", "v3"):
-        return "learned"
-    raise ConversionError(f"official args: position_embedding '{value}' is not supported "
-                          "(sine/v2 or learned/v3)")
-
-
 def to_config(args: Args, state: State) -> Config:
     """DETR arguments (possibly partial) + weights -> detrkit config (``detr_r50`` preset base)."""
     if arg(args, "masks"):
@@ -72,41 +46,28 @@ def to_config(args: Args, state: State) -> Config:
     cfg = get_preset("detr_r50")
     m, t = cfg.model, cfg.model.transformer
     m.backbone = backbone_config(args, state)
-    m.position = PositionConfig(kind=_position_kind(args, state))  # type: ignore[arg-type]
+    m.position = PositionConfig(kind=position_kind(args, state))
 
     def query_shape(dim: int) -> Callable[[], int]:
         return lambda: int(need(state, "query_embed.weight", "hidden_dim/num_queries").shape[dim])
 
-    t.hidden_dim = int(_pick(args, "hidden_dim", query_shape(1)))
-    m.queries.num_queries = int(_pick(args, "num_queries", query_shape(0)))
-    t.nheads = int(_pick(args, "nheads", _default("nheads", 8)))
-    t.enc_layers = int(_pick(args, "enc_layers",
-                             lambda: count_indices(state, "transformer.encoder.layers.")))
-    t.dec_layers = int(_pick(args, "dec_layers",
-                             lambda: count_indices(state, "transformer.decoder.layers.")))
-    t.dim_feedforward = int(_pick(args, "dim_feedforward", lambda: need(
+    t.hidden_dim = int(pick(args, "hidden_dim", query_shape(1)))
+    m.queries.num_queries = int(pick(args, "num_queries", query_shape(0)))
+    t.nheads = int(pick(args, "nheads", lambda: assume("nheads", 8)))
+    t.enc_layers = int(pick(args, "enc_layers",
+                            lambda: count_indices(state, "transformer.encoder.layers.")))
+    t.dec_layers = int(pick(args, "dec_layers",
+                            lambda: count_indices(state, "transformer.decoder.layers.")))
+    t.dim_feedforward = int(pick(args, "dim_feedforward", lambda: need(
         state, "transformer.decoder.layers.0.linear1.weight", "dim_feedforward").shape[0]))
-    t.dropout = float(_pick(args, "dropout", lambda: 0.1))
-    t.pre_norm = bool(_pick(args, "pre_norm", lambda: "transformer.encoder.norm.weight" in state))
+    t.dropout = float(pick(args, "dropout", lambda: 0.1))
+    t.pre_norm = bool(pick(args, "pre_norm", lambda: "transformer.encoder.norm.weight" in state))
     t.activation = "relu"
-    m.aux_loss = bool(_pick(args, "aux_loss", lambda: True))
+    m.aux_loss = bool(pick(args, "aux_loss", lambda: True))
     rows = state["class_embed.weight"].shape[0] - 1 if "class_embed.weight" in state else None
     m.num_classes = resolve_num_classes(args, rows)
 
-    loss, tr = cfg.loss, cfg.train
-    for field_name, key, obj in (
-        ("cost_class", "set_cost_class", loss.matcher), ("cost_bbox", "set_cost_bbox", loss.matcher),
-        ("cost_giou", "set_cost_giou", loss.matcher), ("bbox_weight", "bbox_loss_coef", loss),
-        ("giou_weight", "giou_loss_coef", loss), ("eos_coef", "eos_coef", loss),
-        ("lr", "lr", tr), ("lr_backbone", "lr_backbone", tr), ("weight_decay", "weight_decay", tr),
-        ("clip_max_norm", "clip_max_norm", tr),
-    ):
-        if arg(args, key) is not None:
-            setattr(obj, field_name, float(args[key]))
-    for field_name, key in (("epochs", "epochs"), ("lr_drop", "lr_drop"),
-                            ("batch_size", "batch_size")):
-        if arg(args, key) is not None:
-            setattr(tr, field_name, int(args[key]))
+    apply_training_args(cfg, args)
     return cfg.validate()
 
 

@@ -38,12 +38,12 @@ from torch import Tensor
 
 from detrkit.config import Config, PositionConfig
 from detrkit.convert.dab_deformable_detr import add_aliases, alias_map
-from detrkit.convert.deformable_detr import apply_training_args, heads_and_points, pick
-from detrkit.convert.keymap import (BACKBONE_RULES, LEARNED_POSITION_RULES,
-                                    MULTI_LEVEL_NECK_RULES, ConversionError, KeyRule,
-                                    drop_aliases, rename)
-from detrkit.convert.official import (Args, FamilyConverter, State, arg, backbone_config,
-                                      count_indices, need, resolve_num_classes)
+from detrkit.convert.deformable_detr import heads_and_points
+from detrkit.convert.keymap import (BACKBONE_RULES, LEARNED_POSITION_RULES, MULTI_LEVEL_NECK_RULES,
+                                    ConversionError, KeyRule, drop_aliases, rename)
+from detrkit.convert.official import (Args, FamilyConverter, State, apply_training_args, arg,
+                                      backbone_config, count_indices, need, pick, position_kind,
+                                      resolve_num_classes)
 from detrkit.models.backbone import RESNET_CHANNELS
 from detrkit.presets import get_preset
 
@@ -107,17 +107,11 @@ def _shared(state: State, head: str, layers: int) -> bool:
 
 
 def _position(args: Args, state: State) -> PositionConfig:
-    value = arg(args, "position_embedding")
-    if value is None:
-        value = "learned" if "backbone.1.row_embed.weight" in state else "sine"
-    if value in ("sine", "v2"):
-        return PositionConfig(kind="sine", offset=0.0,
-                              temperature_h=float(pick(args, "pe_temperatureH", lambda: 20)),
-                              temperature_w=float(pick(args, "pe_temperatureW", lambda: 20)))
-    if value in ("learned", "v3"):
+    if position_kind(args, state) == "learned":
         return PositionConfig(kind="learned")
-    raise ConversionError(f"official args: position_embedding '{value}' is not supported "
-                          "(sine/v2 or learned/v3)")
+    return PositionConfig(kind="sine", offset=0.0,
+                          temperature_h=float(pick(args, "pe_temperatureH", lambda: 20)),
+                          temperature_w=float(pick(args, "pe_temperatureW", lambda: 20)))
 
 
 def _backbone_levels(args: Args, state: State, backbone: str,

@@ -18,7 +18,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 from torch import Tensor
 
@@ -32,7 +32,9 @@ __all__ = [
     "FamilyConverter", "OfficialModel", "CONVERTERS", "KNOWN_FAMILIES", "available_families",
     "get_converter", "detect_family", "from_official", "load_official", "official_to_config",
     "to_official_state_dict", "convert_checkpoint", "coco_label_map", "resolve_num_classes",
-    "infer_backbone", "backbone_config", "count_indices", "arg", "need",
+    "infer_backbone", "backbone_config", "count_indices", "arg", "pick", "assume",
+    "apply_training_args",
+    "position_kind", "need",
 ]
 
 Args = dict[str, Any]
@@ -134,6 +136,57 @@ def detect_family(state: State, args: Args | None = None) -> str:
 def arg(args: Args, name: str) -> Any:
     """``args[name]``, or ``None`` when absent or null."""
     return args.get(name)
+
+
+def pick(args: Args, name: str, infer: Callable[[], Any]) -> Any:
+    """``args[name]`` when given, else ``infer()`` (e.g. a value read from the tensor shapes)."""
+    value = arg(args, name)
+    return infer() if value is None else value
+
+
+def assume(name: str, value: Any) -> Any:
+    """Warn that ``name`` cannot be inferred and ``value`` is assumed; return ``value``."""
+    warnings.warn(f"official args: '{name}' cannot be inferred from the weights; assuming "
+                  f"{value}. Pass official_args={{'{name}': ...}} if that is wrong", stacklevel=4)
+    return value
+
+
+def position_kind(args: Args, state: State) -> Literal["sine", "learned"]:
+    """The official ``position_embedding`` (``sine``/``v2`` or ``learned``/``v3``); without it,
+    ``learned`` when the weights hold the learned row embedding."""
+    value = arg(args, "position_embedding")
+    if value is None:
+        return "learned" if "backbone.1.row_embed.weight" in state else "sine"
+    if value in ("sine", "v2"):
+        return "sine"
+    if value in ("learned", "v3"):
+        return "learned"
+    raise ConversionError(f"official args: position_embedding '{value}' is not supported "
+                          "(sine/v2 or learned/v3)")
+
+
+def apply_training_args(cfg: Config, args: Args) -> None:
+    """Copy the matcher / loss coefficients and the optimiser schedule of the official
+    arguments (``set_cost_*``, ``*_loss_coef``, ``eos_coef``, ``focal_alpha``, ``lr*``,
+    ``weight_decay``, ``clip_max_norm``, ``epochs``, ``lr_drop``, ``batch_size``) into ``cfg``
+    (in place); the families share these names and meanings."""
+    loss, tr = cfg.loss, cfg.train
+    for field_name, key, obj in (
+        ("cost_class", "set_cost_class", loss.matcher),
+        ("cost_bbox", "set_cost_bbox", loss.matcher),
+        ("cost_giou", "set_cost_giou", loss.matcher), ("class_weight", "cls_loss_coef", loss),
+        ("bbox_weight", "bbox_loss_coef", loss), ("giou_weight", "giou_loss_coef", loss),
+        ("eos_coef", "eos_coef", loss), ("focal_alpha", "focal_alpha", loss),
+        ("lr", "lr", tr), ("lr_backbone", "lr_backbone", tr),
+        ("lr_linear_proj_mult", "lr_linear_proj_mult", tr), ("weight_decay", "weight_decay", tr),
+        ("clip_max_norm", "clip_max_norm", tr),
+    ):
+        if arg(args, key) is not None:
+            setattr(obj, field_name, float(args[key]))
+    for field_name, key in (("epochs", "epochs"), ("lr_drop", "lr_drop"),
+                            ("batch_size", "batch_size")):
+        if arg(args, key) is not None:
+            setattr(tr, field_name, int(args[key]))
 
 
 def count_indices(state: State, prefix: str) -> int:
