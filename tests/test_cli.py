@@ -162,9 +162,10 @@ def test_demo_runs_end_to_end_on_a_tiny_schedule(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_the_full_demo_learns_within_its_time_budget(tmp_path):
+def test_the_full_demo_learns(tmp_path):
+    """The demo's promise (its time is measured in docs/convergence.md, not asserted)."""
     from detrkit.demo import run_demo
 
     result = run_demo(tmp_path, progress=False, echo=lambda line: None)
-    assert result.seconds < 600
-    assert result.after["AP50"] > result.before["AP50"] + 0.2
+    assert result.before["AP50"] < 0.05
+    assert result.after["AP50"] >= 0.5

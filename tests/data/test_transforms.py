@@ -140,6 +140,10 @@ def test_val_transform_is_deterministic_and_normalised():
     # tensors in [0, 1] give the same result as PIL images
     as_tensor = torch.full((3, 40, 100), 0.2)
     torch.testing.assert_close(t(as_tensor).image, out.image, atol=1e-5, rtol=0)
+    # it draws no random numbers: evaluating must not shift the training run's stream
+    state = torch.get_rng_state()
+    t(image)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_train_without_flip_or_crop_only_resizes():

@@ -66,6 +66,20 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
 
 
+def test_evaluating_does_not_change_the_training_run(tmp_path):
+    """Same weights whether or not the run evaluates before and between epochs."""
+    quiet = Trainer(tiny_config(tmp_path / "a", "train.epochs=2", "train.eval_every=5"),
+                    progress=False, echo=None)
+    quiet.fit()
+    busy = Trainer(tiny_config(tmp_path / "b", "train.epochs=2", "train.eval_every=1"),
+                   progress=False, echo=None)
+    busy.evaluate()
+    busy.fit()
+    expected, got = _params(quiet), _params(busy)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
 def test_resume_of_a_finished_run_says_how_to_continue(tmp_path):
     cfg = tiny_config(tmp_path)
     Trainer(cfg, progress=False, echo=None).fit()

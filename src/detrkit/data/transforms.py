@@ -75,7 +75,9 @@ class RandomShorterSideResize(v2.Transform):
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         h, w = _image_size(flat_inputs)
-        size = self.sizes[int(torch.randint(len(self.sizes), ()).item())]
+        # one size (validation): draw nothing, so evaluating leaves the training stream alone
+        choice = int(torch.randint(len(self.sizes), ()).item()) if len(self.sizes) > 1 else 0
+        size = self.sizes[choice]
         return {"size": list(detr_resize_size(h, w, size, self.max_size))}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
