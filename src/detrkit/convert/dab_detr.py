@@ -26,8 +26,8 @@ from detrkit.config import Config, DenoisingConfig, PositionConfig
 from detrkit.convert.keymap import (BACKBONE_RULES, LEARNED_POSITION_RULES, ConversionError,
                                     KeyRule, drop_aliases, rename)
 from detrkit.convert.official import (Args, FamilyConverter, State, apply_training_args, arg,
-                                      assume, backbone_config, count_indices, need, pick,
-                                      position_kind, resolve_num_classes)
+                                      assume, backbone_config, need, pick,
+                                      position_kind, resolve_num_classes, transformer_depth)
 from detrkit.presets import get_preset
 
 __all__ = ["RULES", "aliases", "to_config", "from_official", "to_official", "CONVERTER"]
@@ -105,12 +105,7 @@ def to_config(args: Args, state: State) -> Config:
     q.num_queries = int(pick(args, "num_queries", lambda: need(
         state, "refpoint_embed.weight", "num_queries").shape[0]))
     t.nheads = int(pick(args, "nheads", lambda: assume("nheads", 8)))
-    t.enc_layers = int(pick(args, "enc_layers",
-                            lambda: count_indices(state, "transformer.encoder.layers.")))
-    t.dec_layers = int(pick(args, "dec_layers",
-                            lambda: count_indices(state, "transformer.decoder.layers.")))
-    t.dim_feedforward = int(pick(args, "dim_feedforward", lambda: need(
-        state, "transformer.decoder.layers.0.linear1.weight", "dim_feedforward").shape[0]))
+    transformer_depth(args, state, t)
     t.dropout = float(pick(args, "dropout", lambda: 0.0))
     t.activation = _activation(args, state)  # type: ignore[assignment]
     t.pre_norm = False

@@ -31,8 +31,8 @@ from detrkit.config import Config, PositionConfig
 from detrkit.convert.keymap import (BACKBONE_RULES, LEARNED_POSITION_RULES, MULTI_LEVEL_NECK_RULES,
                                     ConversionError, KeyRule, drop_aliases, rename)
 from detrkit.convert.official import (Args, FamilyConverter, State, apply_training_args, arg,
-                                      assume, backbone_config, count_indices, need, pick,
-                                      position_kind, resolve_num_classes)
+                                      assume, backbone_config, need, pick,
+                                      position_kind, resolve_num_classes, transformer_depth)
 from detrkit.presets import get_preset
 
 __all__ = ["rules", "aliases", "sine_or_learned_position", "heads_and_points",
@@ -169,12 +169,7 @@ def to_config(args: Args, state: State) -> Config:
                               "supported (1, 3, 4 or 5)")
     t.nheads, t.enc_n_points, t.dec_n_points = heads_and_points(args, state,
                                                                  t.num_feature_levels)
-    t.enc_layers = int(pick(args, "enc_layers",
-                             lambda: count_indices(state, "transformer.encoder.layers.")))
-    t.dec_layers = int(pick(args, "dec_layers",
-                             lambda: count_indices(state, "transformer.decoder.layers.")))
-    t.dim_feedforward = int(pick(args, "dim_feedforward", lambda: need(
-        state, "transformer.decoder.layers.0.linear1.weight", "dim_feedforward").shape[0]))
+    transformer_depth(args, state, t)
     t.dropout = float(pick(args, "dropout", lambda: 0.1))
     t.activation = "relu"  # hard-coded by the official builder
 

@@ -21,8 +21,8 @@ from detrkit.config import Config, PositionConfig
 from detrkit.convert.keymap import (BACKBONE_RULES, LEARNED_POSITION_RULES, ConversionError,
                                     KeyRule, rename)
 from detrkit.convert.official import (Args, FamilyConverter, State, apply_training_args, arg,
-                                      assume, backbone_config, count_indices, need, pick,
-                                      position_kind, resolve_num_classes)
+                                      assume, backbone_config, need, pick,
+                                      position_kind, resolve_num_classes, transformer_depth)
 from detrkit.presets import get_preset
 
 __all__ = ["RULES", "to_config", "from_official", "to_official", "CONVERTER"]
@@ -54,12 +54,7 @@ def to_config(args: Args, state: State) -> Config:
     t.hidden_dim = int(pick(args, "hidden_dim", query_shape(1)))
     m.queries.num_queries = int(pick(args, "num_queries", query_shape(0)))
     t.nheads = int(pick(args, "nheads", lambda: assume("nheads", 8)))
-    t.enc_layers = int(pick(args, "enc_layers",
-                            lambda: count_indices(state, "transformer.encoder.layers.")))
-    t.dec_layers = int(pick(args, "dec_layers",
-                            lambda: count_indices(state, "transformer.decoder.layers.")))
-    t.dim_feedforward = int(pick(args, "dim_feedforward", lambda: need(
-        state, "transformer.decoder.layers.0.linear1.weight", "dim_feedforward").shape[0]))
+    transformer_depth(args, state, t)
     t.dropout = float(pick(args, "dropout", lambda: 0.1))
     t.pre_norm = bool(pick(args, "pre_norm", lambda: "transformer.encoder.norm.weight" in state))
     t.activation = "relu"

@@ -42,8 +42,8 @@ from detrkit.convert.deformable_detr import heads_and_points
 from detrkit.convert.keymap import (BACKBONE_RULES, LEARNED_POSITION_RULES, MULTI_LEVEL_NECK_RULES,
                                     ConversionError, KeyRule, drop_aliases, rename)
 from detrkit.convert.official import (Args, FamilyConverter, State, apply_training_args, arg,
-                                      backbone_config, count_indices, need, pick, position_kind,
-                                      resolve_num_classes)
+                                      backbone_config, need, pick, position_kind,
+                                      resolve_num_classes, transformer_depth)
 from detrkit.models.backbone import RESNET_CHANNELS
 from detrkit.presets import get_preset
 
@@ -174,12 +174,7 @@ def to_config(args: Args, state: State) -> Config:
         state, "transformer.level_embed", "num_feature_levels").shape[0]))
     m.backbone.levels = _backbone_levels(args, state, m.backbone.name, t.num_feature_levels)
     t.nheads, t.enc_n_points, t.dec_n_points = heads_and_points(args, state, t.num_feature_levels)
-    t.enc_layers = int(pick(args, "enc_layers",
-                            lambda: count_indices(state, "transformer.encoder.layers.")))
-    t.dec_layers = int(pick(args, "dec_layers",
-                            lambda: count_indices(state, "transformer.decoder.layers.")))
-    t.dim_feedforward = int(pick(args, "dim_feedforward", lambda: need(
-        state, "transformer.decoder.layers.0.linear1.weight", "dim_feedforward").shape[0]))
+    transformer_depth(args, state, t)
     t.dropout = float(pick(args, "dropout", lambda: 0.0))
     t.activation = pick(args, "transformer_activation", lambda: "relu")
 

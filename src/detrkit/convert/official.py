@@ -22,7 +22,7 @@ from typing import Any, Callable, Literal, Mapping
 
 from torch import Tensor
 
-from detrkit.config import BackboneConfig, Config
+from detrkit.config import BackboneConfig, Config, TransformerConfig
 from detrkit.convert.keymap import ConversionError, load_strict
 from detrkit.convert.state_io import args_to_dict, read_checkpoint
 from detrkit.models.detector import Detector, build_model
@@ -202,6 +202,18 @@ def need(state: State, key: str, what: str) -> Tensor:
         raise ConversionError(f"official args: '{what}' is missing and cannot be inferred "
                               f"(no '{key}' in the state dict); pass it in official_args")
     return state[key]
+
+
+def transformer_depth(args: Args, state: State, t: TransformerConfig) -> None:
+    """Set ``enc_layers``, ``dec_layers`` and ``dim_feedforward`` of ``t`` from ``args``, else
+    from the weights (layers by counting ``transformer.{encoder,decoder}.layers.i``, the
+    feed-forward width from the first decoder layer), the same in every family."""
+    t.enc_layers = int(pick(args, "enc_layers",
+                            lambda: count_indices(state, "transformer.encoder.layers.")))
+    t.dec_layers = int(pick(args, "dec_layers",
+                            lambda: count_indices(state, "transformer.decoder.layers.")))
+    t.dim_feedforward = int(pick(args, "dim_feedforward", lambda: need(
+        state, "transformer.decoder.layers.0.linear1.weight", "dim_feedforward").shape[0]))
 
 
 def infer_backbone(state: State) -> str:
