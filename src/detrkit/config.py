@@ -54,12 +54,18 @@ class ConfigError(ValueError):
 
 @dataclass
 class BackboneConfig:
-    """torchvision ResNet with frozen batch norm."""
+    """torchvision ResNet; frozen batch norm as in every published system, or trainable batch
+    norm for a backbone trained from random weights."""
 
     name: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
     dilation: bool = False  # DC5: replace the stride of the last stage by dilation
     pretrained: bool = False  # torchvision ImageNet weights (a download: fails offline)
     frozen_stages: int = 1  # 0 = only BN frozen, 1 = stem + layer1 frozen (official), ... 4
+    # frozen_bn: fixed statistics and affine terms (official; right for pretrained weights).
+    # bn: trainable batch norm with running statistics, for training from random weights:
+    # without it nothing normalises a single-scale model's features (only the multi-scale
+    # neck has GroupNorm) and their scale grows until the gradients overflow.
+    norm: Literal["frozen_bn", "bn"] = "frozen_bn"
     # ResNet stages fed to the neck (1 = C2 .. 4 = C5). null: C5 alone for one feature level,
     # C3-C5 otherwise. DINO-5scale: [1, 2, 3, 4] (C2-C5 plus one extra strided level).
     levels: list[int] | None = None

@@ -72,9 +72,11 @@ def demo_config(out_dir: str | Path, preset: str = DEFAULT_PRESET, epochs: int |
     # test_deformable_detr_tiny_two_stage 4e-4 -> AP 0.52, 8e-4 -> 0.57; test_dino_tiny
     # 2e-4 -> 0.35, 4e-4 -> 0.45, 8e-4 -> 0.54
     t.lr = 8e-4
-    # the backbone starts from random weights (nothing is downloaded): train it at full rate
+    # the backbone starts from random weights (nothing is downloaded): train all of it at full
+    # rate, with trainable batch norm (frozen statistics would normalise nothing)
     t.lr_backbone = t.lr
     cfg.model.backbone.frozen_stages = 0
+    cfg.model.backbone.norm = "bn"
     t.lr_drop = max(1, round(epochs * 0.75))
     t.eval_every = max(1, epochs // 4)
     return apply_overrides(cfg, list(overrides)).validate()

@@ -72,7 +72,11 @@ def interpolate_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
 
 
-def _torchvision_resnet(name: str, dilation: bool, pretrained: bool) -> nn.Module:
+BackboneNorm = Literal["frozen_bn", "bn"]
+
+
+def _torchvision_resnet(name: str, dilation: bool, pretrained: bool,
+                        norm: BackboneNorm) -> nn.Module:
     import torchvision
 
     builder = getattr(torchvision.models, name)
@@ -80,7 +84,7 @@ def _torchvision_resnet(name: str, dilation: bool, pretrained: bool) -> nn.Modul
         raise ValueError(f"model.backbone.dilation: {name} (BasicBlock) does not support dilation; "
                          "use resnet50/resnet101 or set dilation=false")
     net = builder(weights=None, replace_stride_with_dilation=[False, False, dilation],
-                  norm_layer=FrozenBatchNorm2d)
+                  norm_layer=FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d)
     if pretrained:
         weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
         try:
@@ -97,7 +101,9 @@ def _torchvision_resnet(name: str, dilation: bool, pretrained: bool) -> nn.Modul
 
 
 class ResNetBackbone(nn.Module):
-    """torchvision ResNet body (no pooling / fc) with :class:`FrozenBatchNorm2d`.
+    """torchvision ResNet body (no pooling / fc) with :class:`FrozenBatchNorm2d` (``norm=
+    "frozen_bn"``) or trainable ``nn.BatchNorm2d`` (``"bn"``; statistics are taken over the
+    padded batch, and frozen stages keep theirs fixed).
 
     Args:
         name: resnet18 / resnet34 / resnet50 / resnet101.
@@ -107,6 +113,7 @@ class ResNetBackbone(nn.Module):
         pretrained: load torchvision's ImageNet weights (a download; offline raises RuntimeError).
         frozen_stages: 0 = nothing but batch norm frozen; 1 = stem and layer1 frozen (official);
             ``k`` = stem and layer1..layer``k`` frozen (``requires_grad=False``).
+        norm: ``frozen_bn`` (official) or ``bn`` (trainable, for random initial weights).
 
     Attributes:
         num_channels: channels of each returned level.
@@ -120,6 +127,7 @@ class ResNetBackbone(nn.Module):
         dilation: bool = False,
         pretrained: bool = False,
         frozen_stages: int = 1,
+        norm: BackboneNorm = "frozen_bn",
     ) -> None:
         super().__init__()
         if name not in RESNET_CHANNELS:
@@ -130,7 +138,9 @@ class ResNetBackbone(nn.Module):
             raise ValueError(f"return_levels must be increasing stage indices in 1..4, got {levels}")
         if not 0 <= frozen_stages <= 4:
             raise ValueError(f"model.backbone.frozen_stages: must be in 0..4, got {frozen_stages}")
-        net = _torchvision_resnet(name, dilation, pretrained)
+        if norm not in ("frozen_bn", "bn"):
+            raise ValueError(f"model.backbone.norm: '{norm}' is not one of frozen_bn, bn")
+        net = _torchvision_resnet(name, dilation, pretrained, norm)
         self.body = nn.Sequential(OrderedDict(
             (child, getattr(net, child))
             for child in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
@@ -142,12 +152,22 @@ class ResNetBackbone(nn.Module):
         self.frozen_stages = frozen_stages
         self._freeze(frozen_stages)
 
+    def _frozen_children(self) -> list[str]:
+        frozen = [] if self.frozen_stages == 0 else ["conv1", "bn1"]
+        return frozen + [f"layer{i}" for i in range(1, self.frozen_stages + 1)]
+
     def _freeze(self, frozen_stages: int) -> None:
-        frozen = [] if frozen_stages == 0 else ["conv1", "bn1"]
-        frozen += [f"layer{i}" for i in range(1, frozen_stages + 1)]
-        for child in frozen:
+        for child in self._frozen_children():
             for p in getattr(self.body, child).parameters():
                 p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> ResNetBackbone:
+        """As ``nn.Module.train``, but trainable batch norm in frozen stages stays in eval mode
+        (its running statistics are part of what is frozen)."""
+        super().train(mode)
+        for child in self._frozen_children():
+            getattr(self.body, child).eval()
+        return self
 
     def forward(self, images: Tensor, mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Run the body on a padded batch.

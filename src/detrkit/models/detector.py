@@ -172,7 +172,8 @@ def build_model(cfg: Config) -> Detector:
     m, t = cfg.model, cfg.model.transformer
     b = m.backbone
     backbone = ResNetBackbone(b.name, backbone_levels(cfg), dilation=b.dilation,
-                              pretrained=b.pretrained, frozen_stages=b.frozen_stages)
+                              pretrained=b.pretrained, frozen_stages=b.frozen_stages,
+                              norm=b.norm)
     position = build_position_encoding(m.position, t.hidden_dim)
     sigmoid = m.class_activation == "sigmoid"
     num_logits = m.num_classes if sigmoid else m.num_classes + 1
