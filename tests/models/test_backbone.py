@@ -40,6 +40,35 @@ def test_frozen_stages(frozen_stages):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in bb.modules())
 
 
+def test_trainable_batchnorm_learns_and_frozen_stages_keep_their_statistics():
+    bb = ResNetBackbone("resnet18", frozen_stages=1, norm="bn").train()
+    bns = {n: m for n, m in bb.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert bns and not any(isinstance(m, FrozenBatchNorm2d) for m in bb.modules())
+    assert bns["body.layer2.0.bn1"].weight.requires_grad
+    assert not bns["body.layer1.0.bn1"].weight.requires_grad
+    before = {n: m.running_mean.clone() for n, m in bns.items()}
+    images = torch.randn(2, 3, 64, 64) * 3 + 1
+    bb(images, torch.zeros(2, 64, 64, dtype=torch.bool))
+    moved = {n for n, m in bns.items() if not torch.equal(m.running_mean, before[n])}
+    assert moved and all(n.startswith(("body.layer2", "body.layer3", "body.layer4"))
+                         for n in moved)
+    # eval mode uses the running statistics: a single image gives the same as in a batch
+    bb.eval()
+    one = bb(images[:1], torch.zeros(1, 64, 64, dtype=torch.bool))[0][-1]
+    two = bb(images, torch.zeros(2, 64, 64, dtype=torch.bool))[0][-1]
+    torch.testing.assert_close(one, two[:1], atol=1e-5, rtol=1e-5)
+
+
+def test_backbone_norm_is_checked_when_the_config_loads():
+    from detrkit.config import ConfigError, apply_overrides
+    from detrkit.presets import get_preset
+
+    cfg = apply_overrides(get_preset("test_detr_tiny"), ["model.backbone.norm=bn"])
+    assert cfg.model.backbone.norm == "bn"
+    with pytest.raises(ConfigError, match="model.backbone.norm"):
+        apply_overrides(get_preset("test_detr_tiny"), ["model.backbone.norm=batchnorm"])
+
+
 def test_levels_strides_and_masks():
     bb = ResNetBackbone("resnet18", return_levels=[2, 3, 4]).eval()
     images = torch.randn(2, 3, 96, 128)
