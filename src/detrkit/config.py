@@ -60,7 +60,7 @@ class BackboneConfig:
     name: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
     dilation: bool = False  # DC5: replace the stride of the last stage by dilation
     pretrained: bool = False  # torchvision ImageNet weights (a download: fails offline)
-    frozen_stages: int = 1  # 0 = only BN frozen, 1 = stem + layer1 frozen (official), ... 4
+    frozen_stages: int = 1  # 0 = none (frozen_bn stays fixed), 1 = stem + layer1 (official) .. 4
     # frozen_bn: fixed statistics and affine terms (official; right for pretrained weights).
     # bn: trainable batch norm with running statistics, for training from random weights:
     # without it nothing normalises a single-scale model's features (only the multi-scale

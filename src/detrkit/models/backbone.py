@@ -111,8 +111,8 @@ class ResNetBackbone(nn.Module):
             .. 4 = layer4 (stride 32; 16 with ``dilation``). DETR: ``[4]``; Deformable: ``[2, 3, 4]``.
         dilation: DC5, the last stage keeps stride 16 and uses dilation 2.
         pretrained: load torchvision's ImageNet weights (a download; offline raises RuntimeError).
-        frozen_stages: 0 = nothing but batch norm frozen; 1 = stem and layer1 frozen (official);
-            ``k`` = stem and layer1..layer``k`` frozen (``requires_grad=False``).
+        frozen_stages: 0 = no stage frozen (frozen_bn stays fixed); ``k`` = stem and
+            layer1..layer``k`` frozen (``requires_grad=False``; 1 is the official setting).
         norm: ``frozen_bn`` (official) or ``bn`` (trainable, for random initial weights).
 
     Attributes:
@@ -150,13 +150,13 @@ class ResNetBackbone(nn.Module):
         stage_strides = [4, 8, 16, 16 if dilation else 32]
         self.strides = [stage_strides[i - 1] for i in levels]
         self.frozen_stages = frozen_stages
-        self._freeze(frozen_stages)
+        self._freeze()
 
     def _frozen_children(self) -> list[str]:
         frozen = [] if self.frozen_stages == 0 else ["conv1", "bn1"]
         return frozen + [f"layer{i}" for i in range(1, self.frozen_stages + 1)]
 
-    def _freeze(self, frozen_stages: int) -> None:
+    def _freeze(self) -> None:
         for child in self._frozen_children():
             for p in getattr(self.body, child).parameters():
                 p.requires_grad_(False)
