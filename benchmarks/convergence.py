@@ -30,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("presets", nargs="+")
     parser.add_argument("--epochs", type=int, default=None, help="default: the demo's")
     parser.add_argument("--out", default="runs/convergence")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
     rows = []
@@ -43,17 +42,29 @@ def main(argv: list[str] | None = None) -> int:
         result = Trainer(cfg, progress=False, echo=lambda line: None).fit()
         seconds = time.perf_counter() - start
         final = next((r["eval"] for r in reversed(result.history) if r["eval"]), {})
-        rows.append({"preset": preset, "epochs": cfg.train.epochs, "seconds": round(seconds, 1),
-                     **{k: round(final.get(k, 0.0), 4) for k in ("AP", "AP50", "AP75")}})
+        rows.append(
+            {
+                "preset": preset,
+                "epochs": cfg.train.epochs,
+                "seconds": round(seconds, 1),
+                **{k: round(final.get(k, 0.0), 4) for k in ("AP", "AP50", "AP75")},
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    print(f"\ndevice: {device}, {torch.get_num_threads()} threads; date: "
-          f"{datetime.date.today().isoformat()}; command: {' '.join(['python', *sys.argv])}")
+    device = (
+        torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    )
+    print(
+        f"\ndevice: {device}, {torch.get_num_threads()} threads; date: "
+        f"{datetime.date.today().isoformat()}; command: {' '.join(['python', *sys.argv])}"
+    )
     print(f"{'preset':<32} {'epochs':>6} {'AP':>7} {'AP50':>7} {'AP75':>7} {'time s':>8}")
     for r in rows:
-        print(f"{r['preset']:<32} {r['epochs']:>6} {r['AP']:>7.3f} {r['AP50']:>7.3f} "
-              f"{r['AP75']:>7.3f} {r['seconds']:>8.1f}")
+        print(
+            f"{r['preset']:<32} {r['epochs']:>6} {r['AP']:>7.3f} {r['AP50']:>7.3f} "
+            f"{r['AP75']:>7.3f} {r['seconds']:>8.1f}"
+        )
     return 0
 
 

@@ -1,7 +1,7 @@
 """Multi-scale deformable attention benchmark; same as ``detrkit bench msda``.
 
-    python benchmarks/msda.py                       # CUDA, DINO 4-scale shapes, every backend and dtype
-    python benchmarks/msda.py --device cpu --small  # seconds-long smoke test
+python benchmarks/msda.py                       # CUDA, DINO 4-scale shapes, every backend and dtype
+python benchmarks/msda.py --device cpu --small  # seconds-long smoke test
 """
 
 import sys

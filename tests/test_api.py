@@ -11,7 +11,7 @@ import detrkit
 from detrkit.config import ConfigError
 from detrkit.data.synthetic import generate_shapes
 from detrkit.structures import LabelMap
-from tests.engine.tiny import tiny_config
+from tests.conftest import tiny_config
 
 NAMES = ["circle", "square", "triangle", "cross"]
 
@@ -27,9 +27,9 @@ def shapes(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def detector(shapes):
-    cfg, _ = shapes
-    det = detrkit.Detector.from_preset("test_detr_tiny", device="cpu",
-                                       data={"augment": {"val_scale": 64, "max_size": 96}})
+    det = detrkit.Detector.from_preset(
+        "test_detr_tiny", device="cpu", data={"augment": {"val_scale": 64, "max_size": 96}}
+    )
     det.label_map = LabelMap([1, 3, 5, 7], NAMES)
     return det
 
@@ -42,9 +42,13 @@ def test_lazy_package_exports():
 
 
 def test_from_preset_applies_num_classes_and_overrides():
-    det = detrkit.Detector.from_preset("test_detr_tiny", num_classes=3, device="cpu",
-                                       model={"queries": {"num_queries": 7}},
-                                       **{"train.lr": 5e-4})
+    det = detrkit.Detector.from_preset(
+        "test_detr_tiny",
+        num_classes=3,
+        device="cpu",
+        model={"queries": {"num_queries": 7}},
+        **{"train.lr": 5e-4},
+    )
     assert det.config.model.num_classes == 3 and det.config.train.lr == 5e-4
     assert det.config.model.queries.num_queries == 7
     assert det.model.transformer is not None and not det.model.training
@@ -59,8 +63,10 @@ def test_predict_accepts_paths_pil_numpy_and_tensors_alike(detector, shapes):
     pil = Image.open(path).convert("RGB")
     array = np.array(pil)
     tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
-    results = [detector.predict(x, threshold=0.0)[0]
-               for x in (path, str(path), pil, array, tensor, tensor.float() / 255)]
+    results = [
+        detector.predict(x, threshold=0.0)[0]
+        for x in (path, str(path), pil, array, tensor, tensor.float() / 255)
+    ]
     reference = results[0]
     assert len(reference) == detector.config.model.queries.num_queries  # threshold 0: all
     for other in results[1:]:

@@ -1,7 +1,12 @@
 import torch
 
-from detrkit.boxes import (box_iou, cxcywh_to_xyxy, generalized_box_iou, inverse_sigmoid,
-                           xyxy_to_cxcywh)
+from detrkit.boxes import (
+    box_iou,
+    cxcywh_to_xyxy,
+    generalized_box_iou,
+    inverse_sigmoid,
+    xyxy_to_cxcywh,
+)
 
 
 def test_format_round_trip_and_known_values():
@@ -24,12 +29,18 @@ def test_iou_and_giou_hand_values():
 
 def test_giou_rejects_degenerate_boxes():
     import pytest
+
     with pytest.raises(ValueError, match="x1 >= x0"):
-        generalized_box_iou(torch.tensor([[1.0, 1.0, 0.0, 2.0]]), torch.tensor([[0.0, 0.0, 1.0, 1.0]]))
+        generalized_box_iou(
+            torch.tensor([[1.0, 1.0, 0.0, 2.0]]), torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+        )
 
 
 def test_inverse_sigmoid_inverts_and_clamps():
     x = torch.linspace(0.01, 0.99, 20)
     assert torch.allclose(torch.sigmoid(inverse_sigmoid(x)), x, atol=1e-6)
     assert torch.isfinite(inverse_sigmoid(torch.tensor([0.0, 1.0]))).all()
-    assert inverse_sigmoid(torch.tensor([0.0]), eps=1e-3).item() < inverse_sigmoid(torch.tensor([0.0]), eps=1e-2).item()
+    assert (
+        inverse_sigmoid(torch.tensor([0.0]), eps=1e-3).item()
+        < inverse_sigmoid(torch.tensor([0.0]), eps=1e-2).item()
+    )

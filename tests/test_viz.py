@@ -33,8 +33,9 @@ def test_label_text_is_written_and_classes_get_distinct_colours():
     image = np.zeros((60, 120, 3), np.uint8)
     boxes = [[5.0, 30.0, 50.0, 55.0], [60.0, 30.0, 110.0, 55.0]]
     plain = draw_detections(image, boxes)  # nothing to write
-    texted = draw_detections(image, boxes, labels=[0, 1], scores=[0.9, 0.4],
-                             names=["circle", "square"])
+    texted = draw_detections(
+        image, boxes, labels=[0, 1], scores=[0.9, 0.4], names=["circle", "square"]
+    )
     above = np.s_[15:30, 5:50]  # the label box sits above the box
     assert not _changed(image, plain)[above].any()
     assert _changed(image, texted)[above].sum() > 50
@@ -47,9 +48,12 @@ def test_label_text_is_written_and_classes_get_distinct_colours():
 def test_every_image_kind_is_accepted(kind):
     rgb = np.zeros((32, 48, 3), np.uint8)
     rgb[..., 1] = 200
-    image = {"pil": Image.fromarray(rgb), "uint8_array": rgb,
-             "float_tensor": torch.from_numpy(rgb).permute(2, 0, 1).float() / 255,
-             "uint8_tensor": torch.from_numpy(rgb).permute(2, 0, 1)}[kind]
+    image = {
+        "pil": Image.fromarray(rgb),
+        "uint8_array": rgb,
+        "float_tensor": torch.from_numpy(rgb).permute(2, 0, 1).float() / 255,
+        "uint8_tensor": torch.from_numpy(rgb).permute(2, 0, 1),
+    }[kind]
     assert np.array_equal(np.asarray(to_pil(image)), rgb)
     out = draw_detections(image, [[4, 4, 20, 20]], names=["a"])
     assert _changed(rgb, out).any()
@@ -62,9 +66,16 @@ def test_mismatched_lengths_are_rejected():
 
 def test_plot_metrics_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
-    rows = [{"epoch": e, "lr": 1e-4, "train": {"loss": 3.0 - e},
-             "eval": {"AP": 0.1 * e, "AP50": 0.2 * e, "loss": 3.5 - e}, "time_s": 1.0}
-            for e in (1, 2, 3)]
+    rows = [
+        {
+            "epoch": e,
+            "lr": 1e-4,
+            "train": {"loss": 3.0 - e},
+            "eval": {"AP": 0.1 * e, "AP50": 0.2 * e, "loss": 3.5 - e},
+            "time_s": 1.0,
+        }
+        for e in (1, 2, 3)
+    ]
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = plot_metrics(metrics, tmp_path / "curves.png")

@@ -13,7 +13,7 @@ normalisation happen inside; boxes come back in the pixels of the image as given
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from detrkit.config import Config, ConfigError, apply_overrides, merge
 from detrkit.structures import LabelMap
 
-__all__ = ["Detector", "Prediction", "ImageInput"]
+__all__ = ["Detector", "Prediction", "ImageInput", "convert_checkpoint"]
 
 ImageInput = str | Path | Image.Image | np.ndarray | Tensor
 
@@ -54,12 +54,18 @@ class Prediction:
         """COCO results entries: ``image_id``, ``category_id``, ``bbox`` ``[x, y, w, h]``
         (absolute pixels), ``score``."""
         out = []
-        for box, score, cat in zip(self.boxes_xyxy.tolist(), self.scores.tolist(),
-                                   self.category_ids):
+        for box, score, cat in zip(
+            self.boxes_xyxy.tolist(), self.scores.tolist(), self.category_ids
+        ):
             x0, y0, x1, y1 = box
-            out.append({"image_id": image_id, "category_id": int(cat),
-                        "bbox": [round(v, 3) for v in (x0, y0, x1 - x0, y1 - y0)],
-                        "score": round(float(score), 5)})
+            out.append(
+                {
+                    "image_id": image_id,
+                    "category_id": int(cat),
+                    "bbox": [round(v, 3) for v in (x0, y0, x1 - x0, y1 - y0)],
+                    "score": round(float(score), 5),
+                }
+            )
         return out
 
 
@@ -83,23 +89,30 @@ def _with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
 class Detector:
     """A detection model with its config and label map, ready to predict.
 
-    model: the :class:`detrkit.models.Detector` module (in eval mode on ``device``).
+    model: the :class:`detrkit.models.DetectionModel` module (in eval mode on ``device``).
     config: the resolved :class:`~detrkit.config.Config`. label_map: class index -> dataset
     category id -> name (default: ``class_0 ..``).
     """
 
-    def __init__(self, model: nn.Module, config: Config, label_map: LabelMap | None = None,
-                 device: str | torch.device = "auto") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: Config,
+        label_map: LabelMap | None = None,
+        device: str | torch.device = "auto",
+    ) -> None:
         from detrkit.data.transforms import build_transforms
-        from detrkit.postprocess import build_postprocessor
+        from detrkit.inference.postprocess import build_postprocessor
 
         self.device = _resolve_device(device)
         self.model = model.to(self.device).eval()
         self.config = config
         self.label_map = label_map or LabelMap.default(config.model.num_classes)
         if len(self.label_map) > config.model.num_classes:
-            raise ConfigError(f"model.num_classes: {config.model.num_classes} but the label map "
-                              f"names {len(self.label_map)} classes")
+            raise ConfigError(
+                f"model.num_classes: {config.model.num_classes} but the label map "
+                f"names {len(self.label_map)} classes"
+            )
         self.postprocessor = build_postprocessor(config)
         d = config.data
         self._transforms = build_transforms(d.augment, d.mean, d.std, train=False)
@@ -107,8 +120,14 @@ class Detector:
     # ------------------------------------------------------------------ constructors
 
     @classmethod
-    def from_preset(cls, name: str, num_classes: int | None = None, *,
-                    device: str | torch.device = "auto", **overrides: Any) -> "Detector":
+    def from_preset(
+        cls,
+        name: str,
+        num_classes: int | None = None,
+        *,
+        device: str | torch.device = "auto",
+        **overrides: Any,
+    ) -> Detector:
         """A randomly initialised model of preset ``name`` (see ``detrkit presets``).
 
         num_classes: sets ``model.num_classes``. overrides: config sections as nested dicts
@@ -125,12 +144,13 @@ class Detector:
         return cls(build_model(cfg), cfg, LabelMap.default(cfg.model.num_classes), device)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", *,
-                        overrides: Sequence[str] = ()) -> "Detector":
+    def from_checkpoint(
+        cls, path: str | Path, device: str | torch.device = "auto", *, overrides: Sequence[str] = ()
+    ) -> Detector:
         """Load a detrkit checkpoint (``<stem>.safetensors`` + ``<stem>.json``; ``path`` may
         be the stem or either file). overrides: ``a.b=c`` strings applied to its config
         (for instance data settings used by :meth:`evaluate`)."""
-        from detrkit.checkpoint import load_model
+        from detrkit.engine.checkpoint import load_model
 
         model, stored, label_map, _ = load_model(path, map_location="cpu")
         cfg = stored
@@ -141,8 +161,13 @@ class Detector:
         return cls(model, cfg, label_map, device)
 
     @classmethod
-    def from_official(cls, path_or_state: str | Path | dict, official_args: Any = None, *,
-                      device: str | torch.device = "auto") -> "Detector":
+    def from_official(
+        cls,
+        path_or_state: str | Path | dict,
+        official_args: Any = None,
+        *,
+        device: str | torch.device = "auto",
+    ) -> Detector:
         """Convert a checkpoint published by the original authors (DETR, Deformable DETR,
         DAB-DETR, DN-DETR, DINO; a ``.pth`` path or its loaded dict). official_args: the
         official argument namespace/dict when the file does not carry one."""
@@ -175,12 +200,19 @@ class Detector:
             if image.ndim != 3 or image.shape[0] != 3:
                 raise ValueError(f"expected a [3,H,W] tensor, got {tuple(image.shape)}")
             return image if image.dtype == torch.uint8 else image.float()
-        raise TypeError(f"cannot read an image from {type(image).__name__}; pass a path, a PIL "
-                        "image, an HWC uint8 array or a CHW tensor")
+        raise TypeError(
+            f"cannot read an image from {type(image).__name__}; pass a path, a PIL "
+            "image, an HWC uint8 array or a CHW tensor"
+        )
 
     @torch.no_grad()
-    def predict(self, images: ImageInput | Sequence[ImageInput], threshold: float = 0.5, *,
-                batch_size: int = 8) -> list[Prediction]:
+    def predict(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        threshold: float = 0.5,
+        *,
+        batch_size: int = 8,
+    ) -> list[Prediction]:
         """Detect objects in one image or a list of images; one :class:`Prediction` per image
         (always a list), keeping detections with ``score >= threshold``."""
         from detrkit.data.collate import images_to_batch
@@ -188,7 +220,7 @@ class Detector:
         items = [images] if not isinstance(images, (list, tuple)) else list(images)
         predictions: list[Prediction] = []
         for start in range(0, len(items), batch_size):
-            chunk = [self.read_image(item) for item in items[start:start + batch_size]]
+            chunk = [self.read_image(item) for item in items[start : start + batch_size]]
             sizes = [_size_hw(im) for im in chunk]
             tensors = [self._preprocess(im) for im in chunk]
             batch = images_to_batch(tensors, orig_sizes=sizes).to(self.device)
@@ -197,11 +229,16 @@ class Detector:
             for det, size in zip(detections, sizes):
                 det = det.filter(threshold)
                 labels = det.labels.cpu()
-                predictions.append(Prediction(
-                    boxes_xyxy=det.boxes_xyxy.float().cpu(), scores=det.scores.float().cpu(),
-                    labels=labels, names=[self.label_map.name(i) for i in labels.tolist()],
-                    category_ids=[self._category_id(i) for i in labels.tolist()],
-                    image_size=size))
+                predictions.append(
+                    Prediction(
+                        boxes_xyxy=det.boxes_xyxy.float().cpu(),
+                        scores=det.scores.float().cpu(),
+                        labels=labels,
+                        names=[self.label_map.name(i) for i in labels.tolist()],
+                        category_ids=[self._category_id(i) for i in labels.tolist()],
+                        image_size=size,
+                    )
+                )
         return predictions
 
     def _category_id(self, index: int) -> int:
@@ -214,29 +251,48 @@ class Detector:
 
     # ------------------------------------------------------------------ evaluation, saving
 
-    def evaluate(self, images: str | Path | None = None, annotations: str | Path | None = None,
-                 *, batch_size: int | None = None, results_path: str | Path | None = None,
-                 progress: bool = True) -> dict[str, float]:
+    def evaluate(
+        self,
+        images: str | Path | None = None,
+        annotations: str | Path | None = None,
+        *,
+        batch_size: int | None = None,
+        results_path: str | Path | None = None,
+        progress: bool = True,
+    ) -> dict[str, float]:
         """COCO metrics (``AP``, ``AP50``, ...) on a COCO-format set (``images`` folder +
         ``annotations`` JSON), or, when both are None, on the validation set of the config.
         results_path: also write the detections as a COCO results JSON. The annotations'
         categories are matched to the model's classes through :attr:`label_map`."""
         from detrkit.data.build import build_loader
         from detrkit.data.coco import CocoDetection
+        from detrkit.engine.evaluation import CocoEvaluator
         from detrkit.engine.loop import evaluate
-        from detrkit.evaluation import CocoEvaluator
 
         if (images is None) != (annotations is None):
             raise ValueError("Detector.evaluate: give both images and annotations, or neither")
         if images is None or annotations is None:
             images, annotations = _val_split(self.config)
-        dataset = CocoDetection(images, annotations, self._transforms, train=False,
-                                label_map=self.label_map)
-        loader = build_loader(dataset, batch_size or self.config.train.batch_size, train=False,
-                              num_workers=self.config.data.num_workers, seed=0)
+        dataset = CocoDetection(
+            images, annotations, self._transforms, train=False, label_map=self.label_map
+        )
+        loader = build_loader(
+            dataset,
+            batch_size or self.config.train.batch_size,
+            train=False,
+            num_workers=self.config.data.num_workers,
+            seed=0,
+        )
         evaluator = CocoEvaluator(dataset.annotations_file, self.label_map)
-        metrics = evaluate(self.model, self.postprocessor, loader, evaluator, self.device,
-                           amp="none", progress=progress)
+        metrics = evaluate(
+            self.model,
+            self.postprocessor,
+            loader,
+            evaluator,
+            self.device,
+            amp="none",
+            progress=progress,
+        )
         if results_path is not None:
             evaluator.save_results(results_path)
         return metrics
@@ -244,13 +300,15 @@ class Detector:
     def save(self, path: str | Path) -> Path:
         """Write a detrkit checkpoint: ``<path>.safetensors`` + ``<path>.json``; returns the
         name (``path`` without suffix)."""
-        from detrkit.checkpoint import save_checkpoint
+        from detrkit.engine.checkpoint import save_checkpoint
 
         return save_checkpoint(path, self.model, self.config, self.label_map).with_suffix("")
 
     def __repr__(self) -> str:
-        return (f"Detector({self.config.model.transformer.attention} attention, "
-                f"{len(self.label_map)} classes, device={self.device})")
+        return (
+            f"Detector({self.config.model.transformer.attention} attention, "
+            f"{len(self.label_map)} classes, device={self.device})"
+        )
 
 
 def _val_split(cfg: Config) -> tuple[Path, Path]:
@@ -270,3 +328,25 @@ def _size_hw(image: Image.Image | Tensor) -> tuple[int, int]:
     if isinstance(image, Image.Image):
         return image.height, image.width
     return int(image.shape[-2]), int(image.shape[-1])
+
+
+def convert_checkpoint(
+    src: str | Path | Mapping[str, Any],
+    dst: str | Path,
+    official_args: Any = None,
+    label_map: LabelMap | None = None,
+) -> Path:
+    """Convert an official checkpoint into a detrkit checkpoint (``<dst>.safetensors`` +
+    ``<dst>.json`` with the resolved config and label map). Returns the JSON path."""
+    from detrkit.convert import load_official
+    from detrkit.engine.checkpoint import save_checkpoint
+
+    converted = load_official(src, official_args)
+    extra = {
+        "source": str(src) if not isinstance(src, Mapping) else "<state dict>",
+        "family": converted.family,
+        "official_args": converted.args,
+    }
+    return save_checkpoint(
+        dst, converted.model, converted.config, label_map or converted.label_map, extra=extra
+    )

@@ -69,7 +69,10 @@ def msda_cases(small: bool = False, batch: int = 2) -> list[MsdaCase]:
     levels = SMALL_LEVELS if small else DINO_LEVELS
     seq = sum(h * w for h, w in levels)
     decoder_queries = 50 if small else 1100
-    return [MsdaCase("encoder", batch, levels, seq), MsdaCase("decoder", batch, levels, decoder_queries)]
+    return [
+        MsdaCase("encoder", batch, levels, seq),
+        MsdaCase("decoder", batch, levels, decoder_queries),
+    ]
 
 
 def _make_inputs(case: MsdaCase, dtype: torch.dtype, device: torch.device) -> dict:
@@ -79,16 +82,24 @@ def _make_inputs(case: MsdaCase, dtype: torch.dtype, device: torch.device) -> di
     sizes = shapes[:, 0] * shapes[:, 1]
     level_start = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
     rows = (case.batch, case.queries, case.heads)
-    value = torch.randn(case.batch, case.seq, case.heads, case.channels, generator=gen, device=device)
+    value = torch.randn(
+        case.batch, case.seq, case.heads, case.channels, generator=gen, device=device
+    )
     value = value.to(dtype)
     loc = torch.rand(*rows, n_levels, case.points, 2, generator=gen, device=device)
     logits = torch.randn(*rows, n_levels * case.points, generator=gen, device=device)
     weights = logits.softmax(-1).view(*rows, n_levels, case.points)
-    grad_out = torch.randn(case.batch, case.queries, case.heads * case.channels, generator=gen,
-                           device=device).to(dtype)
-    return dict(value=value.requires_grad_(), spatial_shapes=shapes, level_start_index=level_start,
-                sampling_locations=loc.requires_grad_(), attention_weights=weights.requires_grad_(),
-                grad_out=grad_out)
+    grad_out = torch.randn(
+        case.batch, case.queries, case.heads * case.channels, generator=gen, device=device
+    ).to(dtype)
+    return dict(
+        value=value.requires_grad_(),
+        spatial_shapes=shapes,
+        level_start_index=level_start,
+        sampling_locations=loc.requires_grad_(),
+        attention_weights=weights.requires_grad_(),
+        grad_out=grad_out,
+    )
 
 
 def _time_ms(fn: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
@@ -125,8 +136,15 @@ def _peak_mib(fn: Callable[[], None], device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def _bench_one(case: MsdaCase, dtype_name: str, backend: str, device: torch.device, warmup: int,
-               iters: int, backward: bool) -> MsdaResult:
+def _bench_one(
+    case: MsdaCase,
+    dtype_name: str,
+    backend: str,
+    device: torch.device,
+    warmup: int,
+    iters: int,
+    backward: bool,
+) -> MsdaResult:
     from detrkit.ops.msda import ms_deform_attn
 
     result = MsdaResult(case.name, dtype_name, backend)
@@ -151,7 +169,7 @@ def _bench_one(case: MsdaCase, dtype_name: str, backend: str, device: torch.devi
             for t in leaves:
                 t.grad = None
             result.fwd_bwd_peak_mib = _peak_mib(forward_backward, device)
-    except Exception as exc:  # noqa: BLE001 - report the failure in the table, go on with the rest
+    except Exception as exc:
         result.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
     return result
 
@@ -168,8 +186,10 @@ def _ratio(ref: float | None, x: float | None) -> float | None:
 def format_table(results: list[MsdaResult]) -> str:
     """A text table; ``x ref`` columns are reference time / backend time of the same case and dtype
     (above 1: faster than the reference), ``mem/ref`` is peak memory / reference peak memory."""
-    header = (f"{'case':<8} {'dtype':<5} {'backend':<10} {'fwd ms':>9} {'x ref':>7} {'fwd+bwd ms':>11} "
-              f"{'x ref':>7} {'fwd MiB':>9} {'fwd+bwd MiB':>12} {'mem/ref':>8}")
+    header = (
+        f"{'case':<8} {'dtype':<5} {'backend':<10} {'fwd ms':>9} {'x ref':>7} {'fwd+bwd ms':>11} "
+        f"{'x ref':>7} {'fwd MiB':>9} {'fwd+bwd MiB':>12} {'mem/ref':>8}"
+    )
     lines = [header, "-" * len(header)]
     refs = {(r.case, r.dtype): r for r in results if r.backend == "reference" and r.error is None}
     for r in results:
@@ -191,21 +211,30 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="detrkit bench msda",
         description="Time and peak memory of multi-scale deformable attention backends "
-                    "at DINO 4-scale shapes.",
+        "at DINO 4-scale shapes.",
     )
-    parser.add_argument("--device", default="auto",
-                        help="'auto' (cuda if available), 'cuda', 'cuda:N' or 'cpu'")
+    parser.add_argument(
+        "--device", default="auto", help="'auto' (cuda if available), 'cuda', 'cuda:N' or 'cpu'"
+    )
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test)")
-    parser.add_argument("--dtypes", default="fp32,bf16,fp16", help="comma-separated subset of fp32,bf16,fp16")
-    parser.add_argument("--backends", default=None,
-                        help="comma-separated backends (default: every available one; "
-                             "reference always first)")
-    parser.add_argument("--cases", default="encoder,decoder",
-                        help="comma-separated subset of encoder,decoder")
+    parser.add_argument(
+        "--dtypes", default="fp32,bf16,fp16", help="comma-separated subset of fp32,bf16,fp16"
+    )
+    parser.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated backends (default: every available one; reference always first)",
+    )
+    parser.add_argument(
+        "--cases", default="encoder,decoder", help="comma-separated subset of encoder,decoder"
+    )
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="warm-up runs (default 10 on CUDA, 2 on CPU)")
-    parser.add_argument("--iters", type=int, default=None, help="timed runs (default 50 on CUDA, 5 on CPU)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="warm-up runs (default 10 on CUDA, 2 on CPU)"
+    )
+    parser.add_argument(
+        "--iters", type=int, default=None, help="timed runs (default 50 on CUDA, 5 on CPU)"
+    )
     parser.add_argument("--no-backward", action="store_true", help="time the forward only")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     return parser
@@ -219,57 +248,134 @@ def _split(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
     return items
 
 
-def run_msda_benchmark(argv: list[str] | None = None) -> int:
-    """Run the MSDA benchmark with command-line style ``argv`` (``None``: ``sys.argv[1:]``), print
-    the table; returns 0, or 1 when some backend failed."""
-    from detrkit.ops.msda import available_backends
+@dataclass(frozen=True)
+class _Plan:
+    """What one benchmark run measures, resolved from its command line."""
 
-    args = _parser().parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device: torch.device
+    device_name: str
+    warmup: int
+    iters: int
+    dtypes: list[str]
+    backends: list[str]
+    cases: list[MsdaCase]
+    backward: bool
+
+
+def _resolve_device(name: str) -> torch.device:
+    device = torch.device(
+        "cuda"
+        if name == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if name == "auto"
+        else name
+    )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but CUDA is not available")
-    warmup = args.warmup if args.warmup is not None else (10 if device.type == "cuda" else 2)
-    iters = args.iters if args.iters is not None else (50 if device.type == "cuda" else 5)
-    dtypes = _split(args.dtypes, tuple(DTYPES), "dtype")
-    case_names = _split(args.cases, ("encoder", "decoder"), "case")
+    return device
+
+
+def _backends(requested: str | None, device: torch.device) -> list[str]:
+    """The backends to time, ``reference`` first: ``requested`` or every usable one."""
+    from detrkit.ops.msda import available_backends
+
     if device.type == "cuda":
         usable = available_backends()
     else:  # triton runs on CPU tensors only in the interpreter (TRITON_INTERPRET=1)
         interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
         usable = available_backends() if interpret else ["reference"]
-    backends = _split(args.backends, ("reference", "triton"), "backend") if args.backends else usable
-    backends = sorted(set(backends), key=("reference", "triton").index)
+    backends = _split(requested, ("reference", "triton"), "backend") if requested else usable
+    return sorted(set(backends), key=("reference", "triton").index)
 
+
+def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        import platform
+        return torch.cuda.get_device_name(device)
+    import platform
 
-        device_name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _plan(args: argparse.Namespace) -> _Plan:
+    """Check the parsed arguments and resolve the defaults that depend on the device."""
+    device = _resolve_device(args.device)
+    cuda = device.type == "cuda"
+    warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
+    iters = args.iters if args.iters is not None else (50 if cuda else 5)
+    dtypes = _split(args.dtypes, tuple(DTYPES), "dtype")
+    case_names = _split(args.cases, ("encoder", "decoder"), "case")
+    backends = _backends(args.backends, device)
+    device_name = _device_name(device)
     cases = [c for c in msda_cases(args.small, args.batch) if c.name in case_names]
-    print(f"MSDA benchmark on {device_name}")
+    return _Plan(device, device_name, warmup, iters, dtypes, backends, cases, not args.no_backward)
+
+
+def _print_header(plan: _Plan, argv: list[str] | None) -> None:
+    print(f"MSDA benchmark on {plan.device_name}")
     print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
-    print(f"command: {shlex.join(sys.argv)}" + (f"  (argv: {shlex.join(argv)})" if argv is not None else ""))
-    print(f"torch {torch.__version__}; warm-up {warmup}, median of {iters}; backends {', '.join(backends)}")
-    for case in cases:
-        print(f"{case.name}: batch {case.batch}, levels {list(case.levels)} (S={case.seq}), "
-              f"queries {case.queries}, {case.heads} heads x {case.channels} channels, {case.points} points")
+    print(
+        f"command: {shlex.join(sys.argv)}"
+        + (f"  (argv: {shlex.join(argv)})" if argv is not None else "")
+    )
+    print(
+        f"torch {torch.__version__}; warm-up {plan.warmup}, median of {plan.iters}; "
+        f"backends {', '.join(plan.backends)}"
+    )
+    for case in plan.cases:
+        print(
+            f"{case.name}: batch {case.batch}, levels {list(case.levels)} (S={case.seq}), "
+            f"queries {case.queries}, {case.heads} heads x {case.channels} channels, "
+            f"{case.points} points"
+        )
     print()
 
+
+def _measure(plan: _Plan) -> list[MsdaResult]:
+    """Every case x dtype x backend of ``plan``, in that nesting order."""
     results = []
-    for case in cases:
-        for dtype_name in dtypes:
-            for backend in backends:
+    for case in plan.cases:
+        for dtype_name in plan.dtypes:
+            for backend in plan.backends:
                 results.append(
-                    _bench_one(case, dtype_name, backend, device, warmup, iters, not args.no_backward))
-                if device.type == "cuda":
+                    _bench_one(
+                        case,
+                        dtype_name,
+                        backend,
+                        plan.device,
+                        plan.warmup,
+                        plan.iters,
+                        plan.backward,
+                    )
+                )
+                if plan.device.type == "cuda":
                     torch.cuda.empty_cache()
+    return results
+
+
+def _write_json(path: str, device_name: str, argv: list[str] | None, results: list) -> None:
+    with open(path, "w") as f:
+        json.dump(
+            dict(
+                device=device_name,
+                date=datetime.datetime.now().isoformat(),
+                argv=argv,
+                results=[asdict(r) for r in results],
+            ),
+            f,
+            indent=2,
+        )
+
+
+def run_msda_benchmark(argv: list[str] | None = None) -> int:
+    """Run the MSDA benchmark with command-line style ``argv`` (``None``: ``sys.argv[1:]``), print
+    the table; returns 0, or 1 when some backend failed."""
+    args = _parser().parse_args(argv)
+    plan = _plan(args)
+    _print_header(plan, argv)
+    results = _measure(plan)
     print(format_table(results))
     if "triton" in sys.modules:
         print(f"\ntriton {sys.modules['triton'].__version__}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=device_name, date=datetime.datetime.now().isoformat(), argv=argv,
-                           results=[asdict(r) for r in results]), f, indent=2)
+        _write_json(args.json, plan.device_name, argv, results)
     return 1 if any(r.error is not None for r in results) else 0

@@ -10,8 +10,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_area
 
-__all__ = ["cxcywh_to_xyxy", "xyxy_to_cxcywh", "box_iou", "generalized_box_iou",
-           "inverse_sigmoid"]
+__all__ = ["cxcywh_to_xyxy", "xyxy_to_cxcywh", "box_iou", "generalized_box_iou", "inverse_sigmoid"]
 
 
 def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:

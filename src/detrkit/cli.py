@@ -45,8 +45,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from detrkit.config import ConfigError
     from detrkit.data.errors import DatasetError
 
-    return (UsageError, ConfigError, DatasetError, FileNotFoundError, NotADirectoryError,
-            IsADirectoryError)
+    return (
+        UsageError,
+        ConfigError,
+        DatasetError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+    )
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -62,13 +68,15 @@ def _existing(path: str, what: str) -> Path:
 def _checkpoint_path(path: str) -> Path:
     """The name (path without suffix) of the detrkit checkpoint ``path`` (given as the name,
     or either of its two files), checked to exist."""
-    from detrkit.checkpoint import checkpoint_paths
+    from detrkit.engine.checkpoint import checkpoint_paths
 
     files = checkpoint_paths(path)
     for key in ("meta", "weights"):
         if not files[key].is_file():
-            raise FileNotFoundError(f"{files[key]}: checkpoint file not found (a detrkit "
-                                    "checkpoint is <name>.safetensors + <name>.json)")
+            raise FileNotFoundError(
+                f"{files[key]}: checkpoint file not found (a detrkit "
+                "checkpoint is <name>.safetensors + <name>.json)"
+            )
     return files["meta"].with_suffix("")
 
 
@@ -85,8 +93,8 @@ def _reading(path: Path):
 def _train_config(args: argparse.Namespace) -> Config:
     """The config of ``detrkit train``: --config / --preset / the checkpoint of --resume, then
     --set, --output-dir and --device on top."""
-    from detrkit.config import apply_overrides, load_config
-    from detrkit.presets import get_preset
+    from detrkit.config import apply_overrides
+    from detrkit.presets import get_preset, load_config
 
     overrides = list(args.set or [])
     if args.output_dir is not None:
@@ -98,7 +106,7 @@ def _train_config(args: argparse.Namespace) -> Config:
     if args.preset is not None:
         return apply_overrides(get_preset(args.preset), overrides).validate()
     if args.resume is not None:  # continue with the config stored in the checkpoint
-        from detrkit.checkpoint import load_checkpoint
+        from detrkit.engine.checkpoint import load_checkpoint
 
         stem = _checkpoint_path(args.resume)
         with _reading(stem):
@@ -112,15 +120,18 @@ def _describe(cfg: Config) -> str:
     m = cfg.model
     t, q = m.transformer, m.queries
     backbone = m.backbone.name + ("-DC5" if m.backbone.dilation else "")
-    parts = [backbone, f"{t.attention} attention", f"{t.num_feature_levels} level(s)",
-             f"{t.enc_layers}+{t.dec_layers} layers x {t.hidden_dim}",
-             f"{q.num_queries} {q.kind} queries"]
+    parts = [
+        backbone,
+        f"{t.attention} attention",
+        f"{t.num_feature_levels} level(s)",
+        f"{t.enc_layers}+{t.dec_layers} layers x {t.hidden_dim}",
+        f"{q.num_queries} {q.kind} queries",
+    ]
     if q.box_update != "none":
         parts.append(f"box update {q.box_update}")
     if m.denoising.kind != "none":
         parts.append(f"{m.denoising.kind.upper()} denoising")
-    parts.append(f"{cfg.loss.class_loss} loss, {m.num_classes} classes, "
-                 f"{cfg.train.epochs} epochs")
+    parts.append(f"{cfg.loss.class_loss} loss, {m.num_classes} classes, {cfg.train.epochs} epochs")
     return ", ".join(parts)
 
 
@@ -134,8 +145,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     resume = _checkpoint_path(args.resume) if args.resume is not None else None
     result = Trainer(cfg, progress=not args.quiet).fit(resume=resume)
     print(f"done: {result.epochs} epochs, best AP {max(result.best_ap, 0.0):.4f}")
-    print(f"  checkpoints: {result.last_checkpoint}.safetensors"
-          + (f", {result.best_checkpoint}.safetensors" if result.best_checkpoint else ""))
+    print(
+        f"  checkpoints: {result.last_checkpoint}.safetensors"
+        + (f", {result.best_checkpoint}.safetensors" if result.best_checkpoint else "")
+    )
     print(f"  metrics:     {result.output_dir / 'metrics.jsonl'}")
     return 0
 
@@ -144,8 +157,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from detrkit.api import Detector
 
     if (args.images is None) != (args.annotations is None):
-        raise UsageError("eval: give both --images and --annotations (or neither, to use the "
-                         "validation set of the checkpoint's config)")
+        raise UsageError(
+            "eval: give both --images and --annotations (or neither, to use the "
+            "validation set of the checkpoint's config)"
+        )
     stem = _checkpoint_path(args.checkpoint)
     with _reading(stem):
         detector = Detector.from_checkpoint(stem, device=args.device, overrides=args.set or [])
@@ -155,7 +170,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     metrics = detector.evaluate(
         _existing(args.images, "image folder") if args.images else None,
         _existing(args.annotations, "annotation file") if args.annotations else None,
-        results_path=results_path, progress=not args.quiet)
+        results_path=results_path,
+        progress=not args.quiet,
+    )
     metrics_path = out / "metrics.json"
     metrics_path.write_text(json.dumps(metrics, indent=1))
     for key, value in metrics.items():
@@ -178,8 +195,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     for index, path in enumerate(paths):
         (pred,) = detector.predict(path, threshold=args.threshold)
         results.extend({**r, "file_name": str(path)} for r in pred.to_coco(image_id=index))
-        image = draw_detections(to_pil(detector.read_image(path)), pred.boxes_xyxy,
-                                pred.labels, pred.scores, pred.names)
+        image = draw_detections(
+            to_pil(detector.read_image(path)), pred.boxes_xyxy, pred.labels, pred.scores, pred.names
+        )
         picture = out / f"{path.stem}.png"
         image.save(picture)
         print(f"{path}: {len(pred)} detections -> {picture}")
@@ -200,7 +218,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from detrkit.convert.official import convert_checkpoint
+    from detrkit.api import convert_checkpoint
 
     src = _existing(args.src, "official checkpoint")
     with _reading(src):  # ConversionError (a ValueError) names the keys that do not fit
@@ -228,46 +246,58 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from detrkit.demo import run_demo
 
-    run_demo(out_dir=args.out, epochs=args.epochs, preset=args.preset,
-             overrides=args.set or [], progress=not args.quiet)
+    run_demo(
+        out_dir=args.out,
+        epochs=args.epochs,
+        preset=args.preset,
+        overrides=args.set or [],
+        progress=not args.quiet,
+    )
     return 0
 
 
 # ----------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from detrkit.demo import DEFAULT_PRESET
+def _add_set_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """The repeatable ``--set KEY=VALUE`` option of ``parser``."""
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help=help_text)
 
-    parser = _Parser(prog=PROG, description="The DETR family of object detectors.")
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a detector")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--config", metavar="FILE", help="YAML config (may name a 'preset')")
     source.add_argument("--preset", metavar="NAME", help="start from a preset (see 'presets')")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=12 (repeatable)")
+    _add_set_option(p, "override a config value, e.g. --set train.epochs=12 (repeatable)")
     p.add_argument("--output-dir", metavar="DIR", help="same as --set train.output_dir=DIR")
-    p.add_argument("--resume", metavar="CHECKPOINT",
-                   help="continue a run from its checkpoint_last (optimiser, schedule, RNG)")
+    p.add_argument(
+        "--resume",
+        metavar="CHECKPOINT",
+        help="continue a run from its checkpoint_last (optimiser, schedule, RNG)",
+    )
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (same as --set train.device=)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="COCO metrics of a checkpoint on a validation set")
     p.add_argument("--checkpoint", required=True, metavar="CKPT")
     p.add_argument("--images", metavar="DIR", help="validation images (COCO format data)")
     p.add_argument("--annotations", metavar="FILE", help="COCO JSON of --images")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override the checkpoint's config (data.*, train.batch_size, ...)")
-    p.add_argument("--out", metavar="DIR", help="where metrics.json and "
-                   "coco_results.json go (default: eval/ beside the checkpoint)")
+    _add_set_option(p, "override the checkpoint's config (data.*, train.batch_size, ...)")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where metrics.json and coco_results.json go (default: eval/ beside the checkpoint)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval)
 
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="detect objects in images, draw and save them")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--checkpoint", required=True, metavar="CKPT")
@@ -276,33 +306,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_predict)
 
+
+def _add_presets(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("presets", help="list the named configurations")
     p.set_defaults(func=_cmd_presets)
 
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert an official checkpoint to detrkit's format")
     p.add_argument("src", metavar="SRC", help="official .pth checkpoint")
     p.add_argument("dst", metavar="DST", help="detrkit checkpoint to write (without suffix)")
     p.set_defaults(func=_cmd_convert)
 
+
+def _add_check_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check-data", help="validate a COCO-format dataset")
     p.add_argument("--images", required=True, metavar="DIR")
     p.add_argument("--annotations", required=True, metavar="FILE")
     p.set_defaults(func=_cmd_check_data)
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="micro-benchmarks ('bench msda --help')")
     p.add_argument("what", choices=["msda"])
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     p.set_defaults(func=_cmd_bench)
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from detrkit.demo import DEFAULT_PRESET
+
     p = sub.add_parser("demo", help="train a small detector on synthetic shapes (CPU, minutes)")
     p.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (demo_out)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the demo's schedule)")
-    p.add_argument("--preset", default=DEFAULT_PRESET, metavar="NAME",
-                   help=f"preset to train ({DEFAULT_PRESET})")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a value of the demo's config (repeatable)")
+    p.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        metavar="NAME",
+        help=f"preset to train ({DEFAULT_PRESET})",
+    )
+    _add_set_option(p, "override a value of the demo's config (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
+
+
+# one function per sub-command, in the order ``detrkit --help`` lists them
+_SUBCOMMANDS = (
+    _add_train,
+    _add_eval,
+    _add_predict,
+    _add_presets,
+    _add_convert,
+    _add_check_data,
+    _add_bench,
+    _add_demo,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="The DETR family of object detectors.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add_subcommand in _SUBCOMMANDS:
+        add_subcommand(sub)
     return parser
 
 

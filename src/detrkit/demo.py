@@ -45,8 +45,12 @@ class DemoResult:
     seconds: float
 
 
-def demo_config(out_dir: str | Path, preset: str = DEFAULT_PRESET, epochs: int | None = None,
-                overrides: Sequence[str] = ()) -> Config:
+def demo_config(
+    out_dir: str | Path,
+    preset: str = DEFAULT_PRESET,
+    epochs: int | None = None,
+    overrides: Sequence[str] = (),
+) -> Config:
     """The demo's config: ``preset`` on the synthetic shapes in ``<out_dir>/data``, trained
     into ``<out_dir>/run`` with a short schedule sized for a CPU; ``overrides`` (``a.b=c``)
     last."""
@@ -83,14 +87,17 @@ def demo_config(out_dir: str | Path, preset: str = DEFAULT_PRESET, epochs: int |
 
 
 def _table(before: dict[str, float], after: dict[str, float]) -> str:
-    rows = ["            untrained   trained",
-            *(f"  {key:<8}  {before.get(key, 0.0):9.3f}  {after.get(key, 0.0):8.3f}"
-              for key in ("AP", "AP50", "AP75"))]
+    rows = [
+        "            untrained   trained",
+        *(
+            f"  {key:<8}  {before.get(key, 0.0):9.3f}  {after.get(key, 0.0):8.3f}"
+            for key in ("AP", "AP50", "AP75")
+        ),
+    ]
     return "\n".join(rows)
 
 
-def _side_by_side(detector: Detector, record: ImageRecord, out_dir: Path,
-                  threshold: float) -> Path:
+def _side_by_side(detector: Detector, record: ImageRecord, out_dir: Path, threshold: float) -> Path:
     """Save ``<out_dir>/<image>.png``: ground truth (left) next to predictions (right)."""
     from PIL import Image
 
@@ -102,8 +109,7 @@ def _side_by_side(detector: Detector, record: ImageRecord, out_dir: Path,
     large = image.resize((image.width * zoom, image.height * zoom), Image.NEAREST)
     names = [detector.label_map.name(int(i)) for i in record.labels]
     truth = draw_detections(large, record.boxes_xyxy * zoom, record.labels, names=names)
-    predicted = draw_detections(large, pred.boxes_xyxy * zoom, pred.labels, pred.scores,
-                                pred.names)
+    predicted = draw_detections(large, pred.boxes_xyxy * zoom, pred.labels, pred.scores, pred.names)
     canvas = Image.new("RGB", (truth.width * 2 + 4, truth.height), (255, 255, 255))
     canvas.paste(truth, (0, 0))
     canvas.paste(predicted, (truth.width + 4, 0))
@@ -112,10 +118,17 @@ def _side_by_side(detector: Detector, record: ImageRecord, out_dir: Path,
     return path
 
 
-def run_demo(out_dir: str | Path = "demo_out", epochs: int | None = None,
-             preset: str = DEFAULT_PRESET, *, overrides: Sequence[str] = (),
-             progress: bool = True, num_pictures: int = 6, threshold: float = 0.3,
-             echo: Callable[[str], None] = print) -> DemoResult:
+def run_demo(
+    out_dir: str | Path = "demo_out",
+    epochs: int | None = None,
+    preset: str = DEFAULT_PRESET,
+    *,
+    overrides: Sequence[str] = (),
+    progress: bool = True,
+    num_pictures: int = 6,
+    threshold: float = 0.3,
+    echo: Callable[[str], None] = print,
+) -> DemoResult:
     """Run the demo (see the module docstring); returns what it produced. The pictures show
     the detections with ``score >= threshold`` (a short schedule leaves scores low)."""
     from detrkit.api import Detector
@@ -124,9 +137,11 @@ def run_demo(out_dir: str | Path = "demo_out", epochs: int | None = None,
     start = time.perf_counter()
     out = Path(out_dir)
     cfg = demo_config(out, preset, epochs, overrides)
-    echo(f"detrkit demo: preset {preset}, {cfg.train.epochs} epochs, "
-         f"{cfg.data.synthetic.num_train} training images of {cfg.data.synthetic.image_size} px "
-         f"in {cfg.data.root}")
+    echo(
+        f"detrkit demo: preset {preset}, {cfg.train.epochs} epochs, "
+        f"{cfg.data.synthetic.num_train} training images of {cfg.data.synthetic.image_size} px "
+        f"in {cfg.data.root}"
+    )
     trainer = Trainer(cfg, progress=progress, echo=lambda line: echo("  " + line))
     echo(f"device: {trainer.device}; evaluating the untrained model ...")
     before = trainer.evaluate()
@@ -139,8 +154,7 @@ def run_demo(out_dir: str | Path = "demo_out", epochs: int | None = None,
     pictures_dir = out / "predictions"
     pictures_dir.mkdir(parents=True, exist_ok=True)
     records = trainer.val_dataset.index.records[:num_pictures]
-    pictures = [_side_by_side(detector, record, pictures_dir, threshold)
-                for record in records]
+    pictures = [_side_by_side(detector, record, pictures_dir, threshold) for record in records]
 
     seconds = time.perf_counter() - start
     best = result.best_checkpoint or result.last_checkpoint
@@ -149,10 +163,15 @@ def run_demo(out_dir: str | Path = "demo_out", epochs: int | None = None,
     echo("")
     echo(f"checkpoint:  {best}.safetensors (+ .json)")
     echo(f"metrics:     {result.output_dir / 'metrics.jsonl'}")
-    echo(f"pictures:    {pictures_dir}/ ({len(pictures)} validation images: ground truth "
-         f"left, predictions with score >= {threshold} right)")
-    echo(f"try:         detrkit predict {records[0].path} --checkpoint {best} "
-         f"--threshold {threshold} --out {out / 'predict'}")
+    echo(
+        f"pictures:    {pictures_dir}/ ({len(pictures)} validation images: ground truth "
+        f"left, predictions with score >= {threshold} right)"
+    )
+    echo(
+        f"try:         detrkit predict {records[0].path} --checkpoint {best} "
+        f"--threshold {threshold} --out {out / 'predict'}"
+    )
     echo(f"done in {seconds / 60:.1f} min")
-    return DemoResult(out, best, result.output_dir / "metrics.jsonl", pictures, before, after,
-                      seconds)
+    return DemoResult(
+        out, best, result.output_dir / "metrics.jsonl", pictures, before, after, seconds
+    )

@@ -12,16 +12,22 @@ Conventions used everywhere in detrkit:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from detrkit.models.denoising import DenoisingMeta
-
-__all__ = ["ImageBatch", "Target", "LayerOutput", "DenoisingOutput", "DetectorOutput",
-           "Detections", "LabelMap"]
+__all__ = [
+    "ImageBatch",
+    "Target",
+    "LayerOutput",
+    "ProposalOutput",
+    "DenoisingMeta",
+    "DenoisingOutput",
+    "DetectorOutput",
+    "Detections",
+    "LabelMap",
+]
 
 
 @dataclass
@@ -39,7 +45,7 @@ class ImageBatch:
     sizes: Tensor
     orig_sizes: Tensor
 
-    def to(self, device: torch.device | str) -> "ImageBatch":
+    def to(self, device: torch.device | str) -> ImageBatch:
         return ImageBatch(
             self.images.to(device, non_blocking=True),
             self.mask.to(device, non_blocking=True),
@@ -65,9 +71,10 @@ class Target:
     size: tuple[int, int] = (0, 0)
     orig_size: tuple[int, int] = (0, 0)
 
-    def to(self, device: torch.device | str) -> "Target":
-        return Target(self.boxes.to(device), self.labels.to(device), self.image_id,
-                      self.size, self.orig_size)
+    def to(self, device: torch.device | str) -> Target:
+        return Target(
+            self.boxes.to(device), self.labels.to(device), self.image_id, self.size, self.orig_size
+        )
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -86,11 +93,52 @@ class LayerOutput:
 
 
 @dataclass
+class ProposalOutput(LayerOutput):
+    """Encoder proposals (two-stage: every encoder token ``N = S``; mixed query selection: the
+    ``N = Q`` selected ones). logits ``[B, N, C]``; boxes ``[B, N, 4]`` normalised cxcywh after
+    the box head; anchors ``[B, N, 4]`` the proposals' anchor boxes before it (exactly 1.0 on
+    invalid tokens)."""
+
+    anchors: Tensor | None = None
+
+
+@dataclass
+class DenoisingMeta:
+    """Where every denoising query came from; what the denoising loss needs.
+
+    Entries are the *positive* noised copies, ``N = G * sum_b T_b``, ordered group by group,
+    then image by image, then target by target (the official order).
+
+    kind: ``dn`` or ``cdn``. pad_size: ``P``. num_groups: ``G``.
+    group_size: slots per group, ``m`` (dn) or ``2m`` (cdn); 0 when the batch has no targets.
+    batch_index / slot_index: ``[N]`` int64, image and slot of each entry.
+    target_index: ``[N]`` int64, index of the entry's target within its image.
+    labels / boxes: ``[N]`` int64 / ``[N, 4]`` the clean labels and normalised cxcywh boxes.
+    num_targets: ``T_b`` per image.
+    """
+
+    kind: Literal["dn", "cdn"]
+    pad_size: int
+    num_groups: int
+    group_size: int
+    batch_index: Tensor
+    slot_index: Tensor
+    target_index: Tensor
+    labels: Tensor
+    boxes: Tensor
+    num_targets: list[int]
+
+    @property
+    def num_entries(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
 class DenoisingOutput:
     """Outputs of the denoising queries (training only) and what is needed to supervise them.
 
     layers: one :class:`LayerOutput` per decoder layer (last = final layer), ``[B, pad, C]``.
-    meta: the :class:`~detrkit.models.denoising.DenoisingMeta` of the groups (where each
+    meta: the :class:`DenoisingMeta` of the groups (where each
     denoising query came from, the clean labels and boxes it must reconstruct).
     """
 
@@ -100,18 +148,18 @@ class DenoisingOutput:
 
 @dataclass
 class DetectorOutput:
-    """What :class:`detrkit.models.Detector` returns.
+    """What :class:`detrkit.models.DetectionModel` returns.
 
     logits / boxes: the last decoder layer (see :class:`LayerOutput` for shapes).
     aux: one :class:`LayerOutput` per earlier decoder layer, first layer first.
-    enc: encoder (two-stage) proposals, when the model has them.
+    enc: the encoder proposals (two-stage / mixed query selection), when the model has them.
     dn: denoising outputs, in training with denoising only.
     """
 
     logits: Tensor
     boxes: Tensor
     aux: list[LayerOutput] = field(default_factory=list)
-    enc: LayerOutput | None = None
+    enc: ProposalOutput | None = None
     dn: DenoisingOutput | None = None
 
     @property
@@ -135,10 +183,11 @@ class Detections:
     def __len__(self) -> int:
         return self.scores.shape[0]
 
-    def filter(self, threshold: float) -> "Detections":
+    def filter(self, threshold: float) -> Detections:
         keep = self.scores >= threshold
-        return Detections(self.boxes_xyxy[keep], self.scores[keep], self.labels[keep],
-                          self.query_index[keep])
+        return Detections(
+            self.boxes_xyxy[keep], self.scores[keep], self.labels[keep], self.query_index[keep]
+        )
 
 
 @dataclass
@@ -165,9 +214,9 @@ class LabelMap:
         return {"category_ids": list(self.category_ids), "names": list(self.names)}
 
     @classmethod
-    def from_json(cls, data: dict) -> "LabelMap":
+    def from_json(cls, data: dict) -> LabelMap:
         return cls([int(i) for i in data["category_ids"]], [str(n) for n in data["names"]])
 
     @classmethod
-    def default(cls, num_classes: int) -> "LabelMap":
+    def default(cls, num_classes: int) -> LabelMap:
         return cls(list(range(num_classes)), [f"class_{i}" for i in range(num_classes)])

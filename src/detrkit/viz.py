@@ -36,8 +36,10 @@ def to_pil(image: Any) -> Image.Image:
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
             raise ValueError(f"expected an HWC image array, got shape {array.shape}")
         return Image.fromarray(array).convert("RGB")
-    raise TypeError(f"cannot draw on a {type(image).__name__}; pass a PIL image, an HWC "
-                    "numpy array or a CHW tensor")
+    raise TypeError(
+        f"cannot draw on a {type(image).__name__}; pass a PIL image, an HWC "
+        "numpy array or a CHW tensor"
+    )
 
 
 def class_color(index: int) -> tuple[int, int, int]:
@@ -129,18 +131,21 @@ def plot_metrics(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     rows = _read_metrics(path)
     fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = [r["epoch"] for r in rows if "train" in r]
-    ax_loss.plot(epochs, [r["train"]["loss"] for r in rows if "train" in r], marker="o",
-                 label="train")
+    ax_loss.plot(
+        epochs, [r["train"]["loss"] for r in rows if "train" in r], marker="o", label="train"
+    )
     val = [r for r in rows if "loss" in r.get("eval", {})]
     if val:
-        ax_loss.plot([r["epoch"] for r in val], [r["eval"]["loss"] for r in val], marker="o",
-                     label="val")
+        ax_loss.plot(
+            [r["epoch"] for r in val], [r["eval"]["loss"] for r in val], marker="o", label="val"
+        )
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_loss.legend()
     evals = [r for r in rows if "AP" in r.get("eval", {})]
     for key in ("AP", "AP50"):
-        ax_ap.plot([r["epoch"] for r in evals], [r["eval"][key] for r in evals], marker="o",
-                   label=key)
+        ax_ap.plot(
+            [r["epoch"] for r in evals], [r["eval"][key] for r in evals], marker="o", label=key
+        )
     ax_ap.set(xlabel="epoch", ylabel="AP", title="validation")
     ax_ap.legend()
     fig.tight_layout()
@@ -149,4 +154,3 @@ def plot_metrics(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
-

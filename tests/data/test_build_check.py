@@ -5,8 +5,7 @@ from detrkit.data import DatasetError
 from detrkit.data.build import build_datasets, build_loader
 from detrkit.data.check import check_dataset
 from detrkit.presets import get_preset
-
-from .cocofiles import base_coco, write_coco
+from tests.conftest import base_coco, write_coco
 
 
 def _tiny_data(root) -> DataConfig:
@@ -34,7 +33,7 @@ def test_build_synthetic_datasets_and_loaders(tmp_path):
     batches = list(build_loader(val, 2, False, 0, 0))
     assert [len(ts) for _, ts in batches] == [2, 1]  # drop_last is False
     assert [t.image_id for _, ts in batches for t in ts] == val.image_ids  # not shuffled
-    batch, targets = batches[0]
+    batch, _ = batches[0]
     assert batch.images.shape[0] == 2 and batch.orig_sizes.tolist() == [[64, 64], [64, 64]]
 
 
@@ -43,8 +42,13 @@ def test_build_coco_requires_paths(tmp_path):
     with pytest.raises(ConfigError, match="data.train_images"):
         build_datasets(data)
     images, ann = write_coco(tmp_path, base_coco())
-    data = DataConfig(format="coco", train_images=str(images), train_annotations=str(ann),
-                      val_images=str(images), val_annotations=str(ann))
+    data = DataConfig(
+        format="coco",
+        train_images=str(images),
+        train_annotations=str(ann),
+        val_images=str(images),
+        val_annotations=str(ann),
+    )
     train, val = build_datasets(data)
     assert train.label_map.category_ids == [2, 7, 11] and len(val) == 2
 
@@ -52,16 +56,21 @@ def test_build_coco_requires_paths(tmp_path):
 def test_check_dataset_report(tmp_path):
     data = base_coco()
     data["images"].append({"id": 30, "file_name": "c.png", "width": 40, "height": 30})
-    data["annotations"].append({"id": 4, "image_id": 10, "category_id": 7,
-                                "bbox": [1, 1, 5, 5], "iscrowd": 1})
-    data["annotations"].append({"id": 5, "image_id": 20, "category_id": 7,
-                                "bbox": [35, 1, 10, 5], "iscrowd": 0})
+    data["annotations"].append(
+        {"id": 4, "image_id": 10, "category_id": 7, "bbox": [1, 1, 5, 5], "iscrowd": 1}
+    )
+    data["annotations"].append(
+        {"id": 5, "image_id": 20, "category_id": 7, "bbox": [35, 1, 10, 5], "iscrowd": 0}
+    )
     images, ann = write_coco(tmp_path, data)
     report = check_dataset(images, ann)
     assert "images:      3 (1 without boxes)" in report
     assert "annotations: 5 (4 boxes used for training, 1 crowd, 0 dropped)" in report
-    rows = {line.split()[2]: line.split()[3:] for line in report.splitlines()
-            if line.strip().split()[:1] and line.strip().split()[0].isdigit()}
+    rows = {
+        line.split()[2]: line.split()[3:]
+        for line in report.splitlines()
+        if line.strip().split()[:1] and line.strip().split()[0].isdigit()
+    }
     assert rows == {"cat": ["1", "1"], "dog": ["2", "1"], "bird": ["1", "1"]}
     assert "clipped 1 boxes extending outside" in report and str(ann) in report
     broken = base_coco()

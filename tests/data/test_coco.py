@@ -8,8 +8,7 @@ from detrkit.boxes import cxcywh_to_xyxy
 from detrkit.data import DatasetError, DatasetWarning
 from detrkit.data.coco import CocoDetection
 from detrkit.structures import LabelMap
-
-from .cocofiles import base_coco, write_coco
+from tests.conftest import base_coco, write_coco
 
 
 def _abs_xyxy(target):
@@ -28,8 +27,9 @@ def test_label_map_sorted_by_non_contiguous_ids(tmp_path):
     # annotation 1 is category 11 (bird -> 2), annotation 2 category 2 (cat -> 0)
     assert target.labels.tolist() == [2, 0] and target.labels.dtype == torch.int64
     assert target.image_id == 10 and target.size == (30, 40) and target.orig_size == (30, 40)
-    torch.testing.assert_close(_abs_xyxy(target),
-                               torch.tensor([[2.0, 3, 12, 11], [20, 10, 32, 25]]))
+    torch.testing.assert_close(
+        _abs_xyxy(target), torch.tensor([[2.0, 3, 12, 11], [20, 10, 32, 25]])
+    )
     torch.testing.assert_close(target.boxes[0], torch.tensor([7 / 40, 7 / 30, 10 / 40, 8 / 30]))
     assert ds[1][1].labels.tolist() == [1]
 
@@ -77,16 +77,19 @@ def _broken(data, case):
     return data
 
 
-@pytest.mark.parametrize("case,expected", [
-    ("no_images", "missing required key 'images'"),
-    ("no_categories", "missing required key 'categories'"),
-    ("no_annotations", "missing required key 'annotations'"),
-    ("unknown_image", "annotation id 1 refers to image_id 99"),
-    ("unknown_category", "annotation id 3 refers to category_id 3"),
-    ("bad_bbox", "annotation id 1 has bbox [1, 2, 3]"),
-    ("duplicate_image", "image id 10 appears twice"),
-    ("string_id", "images[0].id must be an integer"),
-])
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("no_images", "missing required key 'images'"),
+        ("no_categories", "missing required key 'categories'"),
+        ("no_annotations", "missing required key 'annotations'"),
+        ("unknown_image", "annotation id 1 refers to image_id 99"),
+        ("unknown_category", "annotation id 3 refers to category_id 3"),
+        ("bad_bbox", "annotation id 1 has bbox [1, 2, 3]"),
+        ("duplicate_image", "image id 10 appears twice"),
+        ("string_id", "images[0].id must be an integer"),
+    ],
+)
 def test_bad_annotation_file_is_one_line_error(tmp_path, case, expected):
     images, ann = write_coco(tmp_path, _broken(base_coco(), case))
     with pytest.raises(DatasetError) as err:
@@ -121,8 +124,11 @@ def test_non_positive_boxes_dropped_with_warning(tmp_path):
     data["annotations"][0]["bbox"] = [2, 3, 0, 8]
     data["annotations"][2]["bbox"] = [2, 3, 5, -1]
     images, ann = write_coco(tmp_path, data)
-    with pytest.warns(DatasetWarning, match=r"dropped 2 annotations with non-positive box "
-                      r"width or height \(first: annotation id 1"):
+    with pytest.warns(
+        DatasetWarning,
+        match=r"dropped 2 annotations with non-positive box "
+        r"width or height \(first: annotation id 1",
+    ):
         ds = CocoDetection(images, ann, train=True)
     assert ds[0][1].labels.tolist() == [0] and len(ds[1][1]) == 0
     assert len(ds.index.repairs) == 1 and str(ann) in ds.index.repairs[0]
@@ -151,8 +157,10 @@ def test_json_size_disagreeing_with_file_uses_file(tmp_path):
     data = base_coco()
     data["annotations"][2]["bbox"] = [30, 0, 30, 30]  # fits the 80 px wide file, not 40
     images, ann = write_coco(tmp_path, data, sizes={"b.png": (80, 30)})
-    with pytest.warns(DatasetWarning, match="1 images have a width/height different.*b.png: "
-                      "JSON 40x30, file 80x30"):
+    with pytest.warns(
+        DatasetWarning,
+        match="1 images have a width/height different.*b.png: JSON 40x30, file 80x30",
+    ):
         ds = CocoDetection(images, ann, train=True)
     _, target = ds[1]
     assert target.orig_size == (30, 80)

@@ -21,8 +21,12 @@ def _write_png16(path, pixels: np.ndarray) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
     header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _rgb(path) -> np.ndarray:
@@ -56,8 +60,10 @@ def test_palette_with_transparency(tmp_path):
 
 def test_16bit_gray_scaled_not_clipped(tmp_path):
     values = np.array([[0, 255, 256, 30000, 65535]], np.uint16)
-    for name, writer in (("pil.png", lambda p: Image.fromarray(values).save(p)),
-                         ("raw.png", lambda p: _write_png16(p, values))):
+    for name, writer in (
+        ("pil.png", lambda p: Image.fromarray(values).save(p)),
+        ("raw.png", lambda p: _write_png16(p, values)),
+    ):
         writer(tmp_path / name)
         out = _rgb(tmp_path / name)
         assert out[..., 0].tolist() == [[0, 0, 1, 117, 255]]  # v >> 8, not min(v, 255)

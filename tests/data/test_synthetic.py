@@ -9,13 +9,15 @@ from detrkit.data.coco import CocoDetection
 from detrkit.data.synthetic import SHAPE_CATEGORY_IDS, SHAPE_NAMES, generate_shapes
 from detrkit.presets import get_preset
 
-CFG = SyntheticConfig(num_train=12, num_val=4, image_size=64, min_objects=1, max_objects=3,
-                      seed=3)
+CFG = SyntheticConfig(num_train=12, num_val=4, image_size=64, min_objects=1, max_objects=3, seed=3)
 
 
 def _files(root):
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
@@ -51,14 +53,19 @@ def test_valid_coco_with_non_contiguous_ids(tmp_path):
 def test_box_encloses_the_drawn_shape(tmp_path):
     """Each box is the tight extent of its shape: the shape's colour differs from the
     background just outside an isolated box."""
-    paths = generate_shapes(tmp_path, SyntheticConfig(num_train=6, num_val=1, image_size=64,
-                                                      min_objects=1, max_objects=1, seed=0))
+    paths = generate_shapes(
+        tmp_path,
+        SyntheticConfig(
+            num_train=6, num_val=1, image_size=64, min_objects=1, max_objects=1, seed=0
+        ),
+    )
     data = json.loads(paths.train_annotations.read_text())
     for ann in data["annotations"]:
-        image = np.asarray(Image.open(paths.train_images / f"{ann['image_id'] - 1:05d}.png"),
-                           np.float32)
+        image = np.asarray(
+            Image.open(paths.train_images / f"{ann['image_id'] - 1:05d}.png"), np.float32
+        )
         x, y, w, h = ann["bbox"]
-        inside = image[y:y + h, x:x + w]
+        inside = image[y : y + h, x : x + w]
         # the box edges touch the shape: each border row/column of the box holds shape pixels,
         # i.e. pixels far from the median colour of the image (the background)
         background = np.median(image.reshape(-1, 3), axis=0)
@@ -90,6 +97,7 @@ def test_default_size_is_fast(tmp_path):
     start = time.perf_counter()
     generate_shapes(tmp_path, SyntheticConfig(num_train=128, num_val=16))
     assert time.perf_counter() - start < 10.0
-    image, target = CocoDetection(tmp_path / "val", tmp_path / "annotations/instances_val.json",
-                                  train=False)[0]
+    image, target = CocoDetection(
+        tmp_path / "val", tmp_path / "annotations/instances_val.json", train=False
+    )[0]
     assert image.shape == (3, 128, 128) and torch.all(target.boxes <= 1)

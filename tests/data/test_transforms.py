@@ -6,21 +6,29 @@ from torchvision.transforms import v2
 
 from detrkit.boxes import cxcywh_to_xyxy
 from detrkit.config import AugmentConfig
-from detrkit.data.transforms import (DetectionTransform, RandomShorterSideResize,
-                                     RandomSizeCrop, build_transforms, detr_resize_size)
+from detrkit.data.transforms import (
+    DetectionTransform,
+    RandomShorterSideResize,
+    RandomSizeCrop,
+    build_transforms,
+    detr_resize_size,
+)
 
 
-@pytest.mark.parametrize("hw,size,max_size,expected", [
-    ((480, 640), 800, 1333, (800, 1066)),  # long side int(800 * 640 / 480) = 1066
-    ((800, 600), 800, 1333, (1066, 800)),  # portrait
-    ((500, 2000), 800, 1333, (333, 1332)),  # capped: short = int(round(1333 / 4)) = 333
-    ((427, 640), 800, 1333, (800, 1199)),
-    ((800, 1000), 800, 1333, (800, 1000)),  # already at size: unchanged
-    ((100, 1000), 800, None, (800, 8000)),  # no cap
-    ((128, 128), 144, 192, (144, 144)),
-    # the official rounding of the reduced short side can overshoot max_size a little
-    ((50, 502), 800, 1333, (133, 1335)),
-])
+@pytest.mark.parametrize(
+    "hw,size,max_size,expected",
+    [
+        ((480, 640), 800, 1333, (800, 1066)),  # long side int(800 * 640 / 480) = 1066
+        ((800, 600), 800, 1333, (1066, 800)),  # portrait
+        ((500, 2000), 800, 1333, (333, 1332)),  # capped: short = int(round(1333 / 4)) = 333
+        ((427, 640), 800, 1333, (800, 1199)),
+        ((800, 1000), 800, 1333, (800, 1000)),  # already at size: unchanged
+        ((100, 1000), 800, None, (800, 8000)),  # no cap
+        ((128, 128), 144, 192, (144, 144)),
+        # the official rounding of the reduced short side can overshoot max_size a little
+        ((50, 502), 800, 1333, (133, 1335)),
+    ],
+)
 def test_detr_resize_rule(hw, size, max_size, expected):
     assert detr_resize_size(*hw, size, max_size) == expected
 
@@ -67,7 +75,8 @@ def test_flip_moves_box_with_image():
 def test_resize_moves_box_with_image():
     image = _rectangle_image(60, 100, [(10, 20, 30, 50)])
     out = DetectionTransform([RandomShorterSideResize([120], max_size=1000)])(
-        image, torch.tensor([[10.0, 20, 30, 50]]), torch.tensor([0]))
+        image, torch.tensor([[10.0, 20, 30, 50]]), torch.tensor([0])
+    )
     assert out.image.shape == (3, 120, 200)
     torch.testing.assert_close(_target_box(out), torch.tensor([20.0, 40, 60, 100]))
     torch.testing.assert_close(_bright_box(out.image), torch.tensor([20.0, 40, 60, 100]))
@@ -100,8 +109,13 @@ def test_random_size_crop_clips_partial_box():
 def test_train_pipeline_boxes_enclose_the_object():
     """The full training augmentation (flip, multi-scale, resize-crop) keeps each box on its
     bright rectangle, whatever the random draws."""
-    augment = AugmentConfig(train_scales=[64, 80, 96], max_size=160, crop=True,
-                            crop_resize_scales=[70, 90], crop_size=[40, 70])
+    augment = AugmentConfig(
+        train_scales=[64, 80, 96],
+        max_size=160,
+        crop=True,
+        crop_resize_scales=[70, 90],
+        crop_size=[40, 70],
+    )
     t = build_transforms(augment, mean=[0.5] * 3, std=[0.5] * 3, train=True)
     rects = [(10, 15, 40, 35), (60, 40, 110, 70)]
     image = _rectangle_image(80, 120, rects)
@@ -121,7 +135,7 @@ def test_train_pipeline_boxes_enclose_the_object():
             inside = unnormalised[0, y0:y1, x0:x1]
             assert inside.numel() > 0 and inside.mean() > 0.6, (label, box)
             # the pixels just outside the box are (mostly) dark
-            grown = unnormalised[0, max(y0 - 2, 0):y1 + 2, max(x0 - 2, 0):x1 + 2]
+            grown = unnormalised[0, max(y0 - 2, 0) : y1 + 2, max(x0 - 2, 0) : x1 + 2]
             ring = grown.sum() - inside.sum()
             ring_area = grown.numel() - inside.numel()
             assert ring_area == 0 or ring / ring_area < 0.5

@@ -38,10 +38,12 @@ def test_voc_boxes_classes_and_difficult(tmp_path):
     assert target.labels.tolist() == [0]  # the difficult box is left out (iscrowd)
     h, w = target.size
     # 1-based inclusive xmin=1..xmax=20 -> pixel edges 0..20
-    torch.testing.assert_close(cxcywh_to_xyxy(target.boxes) * torch.tensor([w, h, w, h]),
-                               torch.tensor([[0.0, 10, 20, 40]]))
-    merged = VocDetection(tmp_path, tmp_path, train=False, rename={"Dead": "Tree"},
-                          converted_file=tmp_path / "m.json")
+    torch.testing.assert_close(
+        cxcywh_to_xyxy(target.boxes) * torch.tensor([w, h, w, h]), torch.tensor([[0.0, 10, 20, 40]])
+    )
+    merged = VocDetection(
+        tmp_path, tmp_path, train=False, rename={"Dead": "Tree"}, converted_file=tmp_path / "m.json"
+    )
     assert merged.label_map.names == ["Tree"] and merged[0][1].labels.tolist() == [0]
 
 
@@ -56,15 +58,21 @@ def test_voc_errors_name_the_file(tmp_path):
         VocDetection(tmp_path, tmp_path, train=True, converted_file=tmp_path / "c.json")
     _write(tmp_path, "y", "y.png", name="Bush")
     with pytest.raises(DatasetError, match="class 'Bush' is not in class_names"):
-        VocDetection(tmp_path, tmp_path, train=True, class_names=["Tree"],
-                     converted_file=tmp_path / "c.json")
+        VocDetection(
+            tmp_path, tmp_path, train=True, class_names=["Tree"], converted_file=tmp_path / "c.json"
+        )
 
 
 @pytest.mark.skipif(not NEON.is_dir(), reason="the neon-trees sample data is not present")
 def test_neon_trees_sample(tmp_path):
     files = [NEON / "OSBS_029.xml", NEON / "SOAP_061.xml"]
-    ds = VocDetection(NEON, files, train=True, rename={"Alive": "Tree", "Dead": "Tree"},
-                      converted_file=tmp_path / "neon.json")
+    ds = VocDetection(
+        NEON,
+        files,
+        train=True,
+        rename={"Alive": "Tree", "Dead": "Tree"},
+        converted_file=tmp_path / "neon.json",
+    )
     assert len(ds) == 2 and ds.label_map.names == ["Tree"]
     counts = [len(ds[i][1]) for i in range(2)]
     assert counts == [61, 37]
@@ -74,8 +82,9 @@ def test_neon_trees_sample(tmp_path):
 
 def test_check_dataset_reads_voc_folders(tmp_path):
     _write(tmp_path, "a", "a.png")
-    (tmp_path / "a.xml").write_text(XML.format(filename="a.png", name="Tree").replace(
-        "<xmax>20</xmax>", "<xmax>70</xmax>"))  # 20 px beyond the 50 px wide image
+    (tmp_path / "a.xml").write_text(
+        XML.format(filename="a.png", name="Tree").replace("<xmax>20</xmax>", "<xmax>70</xmax>")
+    )  # 20 px beyond the 50 px wide image
     report = check_dataset(tmp_path, tmp_path)
     assert f"annotations: {tmp_path} (Pascal VOC)" in report
     assert "2 (1 boxes used for training, 1 crowd, 0 dropped)" in report

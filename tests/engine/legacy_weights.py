@@ -1,4 +1,4 @@
-"""Deterministic backbone weights for the committed format-1 checkpoints.
+"""Deterministic inputs and backbone weights of the committed format-1 checkpoints.
 
 The checkpoints in ``checkpoints_v1/`` leave the ResNet out (it is most of their size and its
 keys did not change between formats); this function regenerates exactly the values they were
@@ -27,3 +27,24 @@ def backbone_value(key: str, shape: tuple[int, ...]) -> torch.Tensor:
         fan_in = int(torch.tensor(shape[1:]).prod())
         value = noise * (2.0 / fan_in) ** 0.5
     return value.half().float()
+
+
+PRESETS = [
+    "test_detr_tiny",
+    "test_dn_detr_tiny",
+    "test_deformable_detr_tiny",
+    "test_deformable_detr_tiny_two_stage",
+    "test_dn_deformable_detr_tiny",
+    "test_dino_tiny",
+]
+
+
+def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """The padded batch ``[2, 3, 96, 128]`` (the second image 80 x 100) and its mask."""
+    gen = torch.Generator().manual_seed(123)
+    images = torch.randn(2, 3, 96, 128, generator=gen).half().float()
+    mask = torch.zeros(2, 96, 128, dtype=torch.bool)
+    mask[1, 80:, :] = True
+    mask[1, :, 100:] = True
+    images[1][:, mask[1]] = 0.0
+    return images, mask

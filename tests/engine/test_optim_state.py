@@ -9,10 +9,21 @@ import pytest
 import torch
 from torch import nn
 
-from detrkit.engine.optim import (build_optimizer, build_scheduler, group_lrs,
-                                  is_backbone_param, param_groups)
-from detrkit.engine.state import (TrainState, capture_rng, load_train_state, restore_rng,
-                                  save_train_state, seed_everything)
+from detrkit.engine.optim import (
+    build_optimizer,
+    build_scheduler,
+    group_lrs,
+    is_backbone_param,
+    param_groups,
+)
+from detrkit.engine.state import (
+    TrainState,
+    capture_rng,
+    load_train_state,
+    restore_rng,
+    save_train_state,
+    seed_everything,
+)
 
 
 class Toy(nn.Module):
@@ -20,8 +31,9 @@ class Toy(nn.Module):
         super().__init__()
         self.backbone = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4))
         self.backbone[0].weight.requires_grad_(False)  # a frozen stage
-        self.transformer = nn.ModuleDict({"sampling_offsets": nn.Linear(4, 2),
-                                          "ffn": nn.Linear(4, 4)})
+        self.transformer = nn.ModuleDict(
+            {"sampling_offsets": nn.Linear(4, 2), "ffn": nn.Linear(4, 4)}
+        )
         self.head = nn.Linear(4, 2)
 
 
@@ -38,13 +50,21 @@ def test_backbone_name_rule():
 
 def test_param_groups_split_rates_and_skip_frozen():
     model = Toy()
-    groups = {g["name"]: g for g in param_groups(model, lr=1e-4, lr_backbone=1e-5,
-                                                 weight_decay=0.05, linear_proj_lr_mult=0.1)}
+    groups = {
+        g["name"]: g
+        for g in param_groups(
+            model, lr=1e-4, lr_backbone=1e-5, weight_decay=0.05, linear_proj_lr_mult=0.1
+        )
+    }
     assert set(groups) == {"main", "backbone", "linear_proj"}
-    assert _ids(groups["backbone"]) == {id(model.backbone[0].bias), id(model.backbone[1].weight),
-                                        id(model.backbone[1].bias)}
-    assert _ids(groups["linear_proj"]) == {id(p) for p in
-                                           model.transformer["sampling_offsets"].parameters()}
+    assert _ids(groups["backbone"]) == {
+        id(model.backbone[0].bias),
+        id(model.backbone[1].weight),
+        id(model.backbone[1].bias),
+    }
+    assert _ids(groups["linear_proj"]) == {
+        id(p) for p in model.transformer["sampling_offsets"].parameters()
+    }
     assert groups["linear_proj"]["lr"] == pytest.approx(1e-5)
     assert groups["main"]["lr"] == 1e-4 and groups["backbone"]["lr"] == 1e-5
     assert all(g["weight_decay"] == 0.05 for g in groups.values())
@@ -83,8 +103,13 @@ def test_rng_round_trip_through_the_train_state_file(tmp_path):
     opt.step()
     sched.step()
     _draw()
-    state = TrainState(epoch=4, best_ap=0.25, optimizer=opt.state_dict(),
-                       scheduler=sched.state_dict(), rng=capture_rng())
+    state = TrainState(
+        epoch=4,
+        best_ap=0.25,
+        optimizer=opt.state_dict(),
+        scheduler=sched.state_dict(),
+        rng=capture_rng(),
+    )
     expected = _draw()
     save_train_state(tmp_path / "ckpt", state)
     assert (tmp_path / "ckpt.train.pt").is_file()

@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 
-from detrkit.checkpoint import load_checkpoint
-from detrkit.config import ConfigError, load_config
+from detrkit.config import ConfigError
 from detrkit.engine import Trainer
+from detrkit.engine.checkpoint import load_checkpoint
 from detrkit.engine.trainer import resolve_device
-from tests.engine.tiny import tiny_config
+from detrkit.presets import load_config
+from tests.conftest import tiny_config
 
 
 def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -59,8 +60,9 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
     a, b = straight.optimizer.state_dict(), resumed.optimizer.state_dict()
-    assert all(torch.equal(a["state"][i]["exp_avg_sq"], b["state"][i]["exp_avg_sq"])
-               for i in a["state"])
+    assert all(
+        torch.equal(a["state"][i]["exp_avg_sq"], b["state"][i]["exp_avg_sq"]) for i in a["state"]
+    )
     assert straight.scheduler.last_epoch == resumed.scheduler.last_epoch == 2
     lines = (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
@@ -68,11 +70,17 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
 
 def test_evaluating_does_not_change_the_training_run(tmp_path):
     """Same weights whether or not the run evaluates before and between epochs."""
-    quiet = Trainer(tiny_config(tmp_path / "a", "train.epochs=2", "train.eval_every=5"),
-                    progress=False, echo=None)
+    quiet = Trainer(
+        tiny_config(tmp_path / "a", "train.epochs=2", "train.eval_every=5"),
+        progress=False,
+        echo=None,
+    )
     quiet.fit()
-    busy = Trainer(tiny_config(tmp_path / "b", "train.epochs=2", "train.eval_every=1"),
-                   progress=False, echo=None)
+    busy = Trainer(
+        tiny_config(tmp_path / "b", "train.epochs=2", "train.eval_every=1"),
+        progress=False,
+        echo=None,
+    )
     busy.evaluate()
     busy.fit()
     expected, got = _params(quiet), _params(busy)

@@ -50,13 +50,13 @@ def test_trainable_batchnorm_learns_and_frozen_stages_keep_their_statistics():
     images = torch.randn(2, 3, 64, 64) * 3 + 1
     bb(images, torch.zeros(2, 64, 64, dtype=torch.bool))
     moved = {n for n, m in bns.items() if not torch.equal(m.running_mean, before[n])}
-    assert moved and all(n.startswith(("body.layer2", "body.layer3", "body.layer4"))
-                         for n in moved)
+    assert moved and all(n.startswith(("body.layer2", "body.layer3", "body.layer4")) for n in moved)
     # eval mode uses the running statistics: a single image gives the same as in a batch
     bb.eval()
     one = bb(images[:1], torch.zeros(1, 64, 64, dtype=torch.bool))[0][-1]
     two = bb(images, torch.zeros(2, 64, 64, dtype=torch.bool))[0][-1]
-    torch.testing.assert_close(one, two[:1], atol=1e-5, rtol=1e-5)
+    # the convolutions may pick another algorithm for another batch size: float32 noise
+    torch.testing.assert_close(one, two[:1], atol=1e-4, rtol=1e-4)
 
 
 def test_backbone_norm_is_checked_when_the_config_loads():
@@ -82,7 +82,7 @@ def test_levels_strides_and_masks():
         assert m.dtype == torch.bool and m.shape == (2, *f.shape[-2:])
         assert not m[0].any()
         w = f.shape[-1]
-        assert m[1, :, : w // 2].logical_not().all() and m[1, :, w // 2:].all()
+        assert m[1, :, : w // 2].logical_not().all() and m[1, :, w // 2 :].all()
 
 
 def test_dilation_keeps_stride_16():

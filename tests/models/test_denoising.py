@@ -1,16 +1,21 @@
-"""Denoising groups: layout, noise, attention mask; reproduction of the official queries."""
+"""Denoising groups: layout, noise, attention mask (the official reproduction is in
+tests/parity)."""
 
 import pytest
 import torch
 
-from detrkit.models.denoising import (build_denoising_groups, cdn_num_groups,
-                                      denoising_attention_mask, embed_denoising_queries,
-                                      noise_boxes_cdn, noise_boxes_dn, noise_labels,
-                                      prepare_denoising, split_denoising)
+from detrkit.models.denoising import (
+    build_denoising_groups,
+    cdn_num_groups,
+    denoising_attention_mask,
+    embed_denoising_queries,
+    noise_boxes_cdn,
+    noise_boxes_dn,
+    noise_labels,
+    prepare_denoising,
+    split_denoising,
+)
 from detrkit.structures import Target
-from tests.parity.fixtures import fixture_names, load_fixture
-
-DN_FIXTURES = [n for n in fixture_names() if load_fixture(n).meta.get("train_dn")]
 
 
 def _targets(counts, seed=0):
@@ -19,75 +24,12 @@ def _targets(counts, seed=0):
     for n in counts:
         centre = torch.rand(n, 2, generator=g) * 0.5 + 0.25
         size = torch.rand(n, 2, generator=g) * 0.3 + 0.05
-        out.append(Target(boxes=torch.cat([centre, size], 1),
-                          labels=torch.randint(0, 5, (n,), generator=g)))
+        out.append(
+            Target(
+                boxes=torch.cat([centre, size], 1), labels=torch.randint(0, 5, (n,), generator=g)
+            )
+        )
     return out
-
-
-def _dn_part(fx, name):
-    """The stored denoising slots as [B, P, C] (layouts differ per code base)."""
-    td = fx.meta["train_dn"]
-    x = fx.tensors[f"train_dn.{name}"]
-    if td["query_tensor_layout"].startswith("query-major"):
-        x = x.transpose(0, 1)
-    pad = td["mask_dict"]["pad_size"] if "mask_dict" in td else td["dn_meta"]["pad_size"]
-    return x[:, :pad]
-
-
-def _official_setup(fx):
-    """(kind, dn_number, label_noise_ratio, box_noise_scale, num_classes, indicator)."""
-    a = fx.meta["official_args"]
-    if "dn_meta" in fx.meta["train_dn"]:  # DINO
-        return "cdn", a["dn_number"], a["dn_label_noise_ratio"], a["dn_box_noise_scale"], \
-            a["num_classes"], False
-    return "dn", a["scalar"], a["label_noise_scale"], a["box_noise_scale"], \
-        fx.meta["config"]["num_classes"], True
-
-
-def _fixture_targets(fx):
-    return [Target(boxes=t["boxes"], labels=t["labels"]) for t in fx.targets()]
-
-
-@pytest.mark.parity
-@pytest.mark.parametrize("name", DN_FIXTURES)
-def test_layout_matches_official(name):
-    """Slots, clean labels/boxes and the attention mask are those of the official code."""
-    fx = load_fixture(name)
-    kind, number, _, _, num_classes, _ = _official_setup(fx)
-    groups = build_denoising_groups(_fixture_targets(fx), kind, number, 0.0, 0.0, num_classes)
-    t, meta = fx.tensors, groups.meta
-    positions = torch.stack([groups.batch_index, groups.slot_index], 1)
-    torch.testing.assert_close(positions, t["train_dn.dn_query_positions"], rtol=0, atol=0)
-    if kind == "dn":
-        assert meta.pad_size == fx.meta["train_dn"]["mask_dict"]["pad_size"]
-        torch.testing.assert_close(meta.slot_index, t["train_dn.mask_dict.map_known_indice"])
-        torch.testing.assert_close(meta.labels, t["train_dn.mask_dict.known_labels"])
-        torch.testing.assert_close(meta.boxes, t["train_dn.mask_dict.known_bboxs"])
-    else:
-        assert (meta.pad_size, meta.num_groups) == tuple(
-            fx.meta["train_dn"]["dn_meta"][k] for k in ("pad_size", "num_dn_group"))
-    mask = t["train_dn.attn_mask"]
-    num_queries = mask.shape[0] - meta.pad_size
-    assert torch.equal(denoising_attention_mask(meta.pad_size, meta.group_size, num_queries),
-                       mask)
-
-
-@pytest.mark.parity
-@pytest.mark.parametrize("name", DN_FIXTURES)
-def test_seeded_generator_reproduces_official_queries(name):
-    """Same random calls in the same order: the seeded global generator gives the official
-    noised queries bit for bit."""
-    fx = load_fixture(name)
-    kind, number, label_noise, box_noise, num_classes, indicator = _official_setup(fx)
-    embedding = torch.nn.Embedding.from_pretrained(fx.state_dict()["label_enc.weight"])
-    pad = _dn_part(fx, "input_query_label").shape[1]
-    num_queries = fx.tensors["train_dn.attn_mask"].shape[0] - pad
-    torch.manual_seed(fx.meta["train_dn"]["dn_seed"])
-    queries = prepare_denoising(_fixture_targets(fx), embedding, num_queries, kind, number,
-                                label_noise, box_noise, num_classes, indicator)
-    assert torch.equal(queries.content, _dn_part(fx, "input_query_label"))
-    assert torch.equal(queries.boxes_unact, _dn_part(fx, "input_query_bbox"))
-    assert torch.equal(queries.attn_mask, fx.tensors["train_dn.attn_mask"])
 
 
 def test_uneven_counts_and_an_image_without_boxes():
@@ -104,14 +46,23 @@ def test_uneven_counts_and_an_image_without_boxes():
     assert used[1].nonzero().view(-1).tolist() == [0, 7, 14]
     assert used[2].all()
     for g in range(3):  # group g holds target j of image 2 at slot 7g + j
-        torch.testing.assert_close(boxes[2, 7 * g:7 * g + 7].sigmoid(), targets[2].boxes)
-        torch.testing.assert_close(content[2, 7 * g:7 * g + 7, :-1], emb(targets[2].labels))
+        torch.testing.assert_close(boxes[2, 7 * g : 7 * g + 7].sigmoid(), targets[2].boxes)
+        torch.testing.assert_close(content[2, 7 * g : 7 * g + 7, :-1], emb(targets[2].labels))
 
 
 def test_batch_without_boxes_gives_no_queries():
     for kind in ("dn", "cdn"):
-        q = prepare_denoising(_targets([0, 0]), torch.nn.Embedding(6, 8), 10, kind, 5, 0.5, 0.4,
-                              5, indicator=kind == "dn")
+        q = prepare_denoising(
+            _targets([0, 0]),
+            torch.nn.Embedding(6, 8),
+            10,
+            kind,
+            5,
+            0.5,
+            0.4,
+            5,
+            indicator=kind == "dn",
+        )
         assert q.pad_size == 0 and q.attn_mask is None
         assert q.content.shape == (2, 0, 8 + (kind == "dn")) and q.boxes_unact.shape == (2, 0, 4)
         assert q.meta.num_entries == 0 and q.meta.num_targets == [0, 0]
@@ -134,7 +85,7 @@ def test_attention_mask_blocks_other_groups_and_hides_groups_from_matching():
     mask = denoising_attention_mask(pad_size=6, group_size=2, num_queries=3)
     expected = torch.ones(9, 9, dtype=torch.bool)
     for g in range(3):
-        expected[2 * g:2 * g + 2, 2 * g:2 * g + 2] = False
+        expected[2 * g : 2 * g + 2, 2 * g : 2 * g + 2] = False
     expected[:, 6:] = False  # everybody sees the matching queries
     assert torch.equal(mask, expected)
     assert not denoising_attention_mask(0, 0, 4).any()

@@ -1,44 +1,62 @@
+"""The neck: 1x1 projections of the backbone levels, strided extra levels, optional GroupNorm."""
+
 import pytest
 import torch
+from torch import nn
 
-from detrkit.models.neck import ConvProjection, MultiLevelProjection
+from detrkit.models import FeatureProjection
 
 
-def test_conv_projection_uses_last_level():
-    neck = ConvProjection(16, 32)
-    feats = [torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4)]
-    masks = [torch.zeros(2, 8, 8, dtype=torch.bool), torch.zeros(2, 4, 4, dtype=torch.bool)]
+def _features(batch=2):
+    feats = [torch.randn(batch, 8, 16, 16), torch.randn(batch, 16, 8, 8)]
+    masks = [
+        torch.zeros(batch, 16, 16, dtype=torch.bool),
+        torch.zeros(batch, 8, 8, dtype=torch.bool),
+    ]
+    return feats, masks
+
+
+@pytest.mark.parametrize("norm", ["group_norm", "none"])
+def test_levels_and_extra_levels(norm):
+    neck = FeatureProjection([8, 16], 32, num_levels=4, norm=norm)
+    feats, masks = _features()
     srcs, out_masks = neck(feats, masks, torch.zeros(2, 64, 64, dtype=torch.bool))
-    assert len(srcs) == 1 and srcs[0].shape == (2, 32, 4, 4) and out_masks[0] is masks[1]
-    assert set(neck.state_dict()) == {"proj.weight", "proj.bias"}
+    assert [tuple(s.shape) for s in srcs] == [
+        (2, 32, 16, 16),
+        (2, 32, 8, 8),
+        (2, 32, 4, 4),
+        (2, 32, 2, 2),
+    ]
+    assert [tuple(m.shape) for m in out_masks] == [(2, 16, 16), (2, 8, 8), (2, 4, 4), (2, 2, 2)]
+    # the first extra level convolves the last backbone map, the next one the previous level
+    assert neck.layers[2][0].in_channels == 16 and neck.layers[3][0].in_channels == 32
+    has_norm = [any(isinstance(m, nn.GroupNorm) for m in layer) for layer in neck.layers]
+    assert has_norm == [norm == "group_norm"] * 4
+    keys = set(neck.state_dict())
+    assert ("layers.0.1.weight" in keys) == (norm == "group_norm") and "layers.0.0.weight" in keys
 
 
-def test_multi_level_extra_levels():
-    neck = MultiLevelProjection([8, 16, 32], hidden_dim=64, num_levels=5)
+def test_single_level_uses_the_last_backbone_map():
+    neck = FeatureProjection([16], 32, num_levels=1, norm="none")
+    feats, masks = _features()
+    srcs, out_masks = neck(feats[1:], masks[1:], torch.zeros(2, 64, 64, dtype=torch.bool))
+    assert len(srcs) == 1 and srcs[0].shape == (2, 32, 8, 8) and out_masks[0] is masks[1]
+    expected = nn.functional.conv2d(feats[1], neck.layers[0][0].weight, neck.layers[0][0].bias)
+    torch.testing.assert_close(srcs[0], expected)
+
+
+def test_extra_level_mask_follows_the_image_mask():
+    neck = FeatureProjection([8, 16], 32, num_levels=3)
+    feats, masks = _features(batch=1)
     image_mask = torch.zeros(1, 64, 64, dtype=torch.bool)
-    image_mask[:, :, 32:] = True
-    feats = [torch.randn(1, 8, 8, 8), torch.randn(1, 16, 4, 4), torch.randn(1, 32, 2, 2)]
-    masks = [torch.zeros(1, s, s, dtype=torch.bool) for s in (8, 4, 2)]
-    srcs, out_masks = neck(feats, masks, image_mask)
-    assert [tuple(s.shape) for s in srcs] == [(1, 64, 8, 8), (1, 64, 4, 4), (1, 64, 2, 2),
-                                             (1, 64, 1, 1), (1, 64, 1, 1)]
-    assert len(out_masks) == 5 and out_masks[3].shape == (1, 1, 1)
-    # first extra level reads the raw backbone map (32 ch), the next the projected one (64 ch)
-    assert neck.layers[3][0].in_channels == 32 and neck.layers[4][0].in_channels == 64
-    assert neck.layers[3][0].stride == (2, 2) and neck.layers[3][0].kernel_size == (3, 3)
-    assert {k.rsplit(".", 1)[0] for k in neck.state_dict()} == {
-        f"layers.{i}.{j}" for i in range(5) for j in (0, 1)}
+    image_mask[:, :, 32:] = True  # right half is padding
+    _, out_masks = neck(feats, masks, image_mask)
+    assert out_masks[2][0, :, :2].logical_not().all() and out_masks[2][0, :, 2:].all()
 
 
-def test_multi_level_extra_mask_follows_image_mask():
-    neck = MultiLevelProjection([32], hidden_dim=32, num_levels=2)
-    image_mask = torch.zeros(1, 64, 64, dtype=torch.bool)
-    image_mask[:, 32:, :] = True
-    srcs, masks = neck([torch.randn(1, 32, 4, 4)], [torch.zeros(1, 4, 4, dtype=torch.bool)],
-                       image_mask)
-    assert masks[1].tolist() == [[[False, False], [True, True]]]
-
-
-def test_multi_level_rejects_bad_width():
-    with pytest.raises(ValueError, match="multiple of 32"):
-        MultiLevelProjection([8], hidden_dim=48, num_levels=1)
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="num_levels"):
+        FeatureProjection([8, 16], 32, num_levels=1)
+    neck = FeatureProjection([8, 16], 32, num_levels=2)
+    with pytest.raises(ValueError, match="backbone levels"):
+        neck(_features()[0][:1], _features()[1][:1], torch.zeros(2, 64, 64, dtype=torch.bool))

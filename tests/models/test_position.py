@@ -67,8 +67,9 @@ def test_learned_layout_and_padding():
 
 
 def test_build_from_config():
-    assert isinstance(build_position_encoding(PositionConfig(kind="learned"), 64),
-                      LearnedPositionEncoding)
+    assert isinstance(
+        build_position_encoding(PositionConfig(kind="learned"), 64), LearnedPositionEncoding
+    )
     enc = build_position_encoding(PositionConfig(offset=0.5, temperature_h=20.0), 64)
     assert isinstance(enc, SinePositionEncoding)
     assert (enc.num_pos_feats, enc.offset, enc.temperature_h) == (32, 0.5, 20.0)

@@ -18,9 +18,9 @@ SHAPES = [(6, 7), (3, 4), (2, 2)]
 SEQ = sum(h * w for h, w in SHAPES)
 
 
-def make_module(d_model=32, n_levels=3, n_heads=4, n_points=2, seed=0) -> MSDeformAttn:
+def make_module(d_model=32, n_levels=3, nheads=4, n_points=2, seed=0) -> MSDeformAttn:
     torch.manual_seed(seed)
-    module = MSDeformAttn(d_model, n_levels, n_heads, n_points, backend="reference")
+    module = MSDeformAttn(d_model, n_levels, nheads, n_points, backend="reference")
     with torch.no_grad():  # leave the degenerate initialisation: non-zero offsets and weights
         module.sampling_offsets.weight.normal_(0.0, 0.2)
         module.attention_weights.weight.normal_(0.0, 0.2)
@@ -39,17 +39,22 @@ def test_state_dict_matches_official_layout():
     module = MSDeformAttn()
     shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     assert shapes == {
-        "sampling_offsets.weight": (8 * 4 * 4 * 2, 256), "sampling_offsets.bias": (8 * 4 * 4 * 2,),
-        "attention_weights.weight": (8 * 4 * 4, 256), "attention_weights.bias": (8 * 4 * 4,),
-        "value_proj.weight": (256, 256), "value_proj.bias": (256,),
-        "output_proj.weight": (256, 256), "output_proj.bias": (256,),
+        "sampling_offsets.weight": (8 * 4 * 4 * 2, 256),
+        "sampling_offsets.bias": (8 * 4 * 4 * 2,),
+        "attention_weights.weight": (8 * 4 * 4, 256),
+        "attention_weights.bias": (8 * 4 * 4,),
+        "value_proj.weight": (256, 256),
+        "value_proj.bias": (256,),
+        "output_proj.weight": (256, 256),
+        "output_proj.bias": (256,),
     }
 
 
 def test_initialisation_rings():
-    module = MSDeformAttn(d_model=64, n_levels=3, n_heads=8, n_points=4)
-    directions = torch.tensor([(1, 0), (1, 1), (0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1)],
-                              dtype=torch.float32)
+    module = MSDeformAttn(d_model=64, n_levels=3, nheads=8, n_points=4)
+    directions = torch.tensor(
+        [(1, 0), (1, 1), (0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1)], dtype=torch.float32
+    )
     radius = torch.arange(1, 5, dtype=torch.float32)
     expected = directions[:, None, None, :] * radius[None, None, :, None]  # [heads, 1, points, 2]
     bias = module.sampling_offsets.bias.detach().view(8, 3, 4, 2)
@@ -129,24 +134,27 @@ def test_backward_reaches_every_parameter():
 
 
 def test_cpu_use_does_not_import_triton_or_initialise_cuda():
-    script = "\n".join([
-        "import sys, torch",
-        "import detrkit, detrkit.ops, detrkit.ops.msda",
-        "from detrkit.ops.msda import MSDeformAttn, available_backends, ms_deform_attn",
-        "m = MSDeformAttn(32, 2, 2, 2)",
-        "x = torch.randn(1, 6, 32)",
-        "out = m(torch.randn(1, 3, 32), torch.rand(1, 3, 2, 2), x, torch.tensor([[2, 2], [1, 2]]), None)",
-        "out.sum().backward()",
-        "ms_deform_attn(torch.randn(1, 6, 2, 4), [(2, 2), (1, 2)], None, torch.rand(1, 3, 2, 2, 2, 2),",
-        "               torch.rand(1, 3, 2, 2, 2), backend='auto')",
-        "assert 'triton' not in sys.modules, [k for k in sys.modules if k.startswith('triton')]",
-        "assert 'detrkit.ops.msda.triton_backend' not in sys.modules",
-        "assert not torch.cuda.is_initialized()",
-        "print('ok')",
-    ])
+    script = "\n".join(
+        [
+            "import sys, torch",
+            "import detrkit, detrkit.ops, detrkit.ops.msda",
+            "from detrkit.ops.msda import MSDeformAttn, available_backends, ms_deform_attn",
+            "m = MSDeformAttn(32, 2, 2, 2)",
+            "x = torch.randn(1, 6, 32)",
+            "out = m(torch.randn(1, 3, 32), torch.rand(1, 3, 2, 2), x, torch.tensor([[2, 2], [1, 2]]), None)",
+            "out.sum().backward()",
+            "ms_deform_attn(torch.randn(1, 6, 2, 4), [(2, 2), (1, 2)], None, torch.rand(1, 3, 2, 2, 2, 2),",
+            "               torch.rand(1, 3, 2, 2, 2), backend='auto')",
+            "assert 'triton' not in sys.modules, [k for k in sys.modules if k.startswith('triton')]",
+            "assert 'detrkit.ops.msda.triton_backend' not in sys.modules",
+            "assert not torch.cuda.is_initialized()",
+            "print('ok')",
+        ]
+    )
     src = str(Path(__file__).resolve().parents[2] / "src")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-4000:]

@@ -28,14 +28,15 @@ class _Wrapper(nn.Module):
         self.module = module
         self.shapes = shapes
 
-    def forward(self, query: Tensor, reference_points: Tensor, input_flatten: Tensor,
-                padding_mask: Tensor) -> Tensor:
+    def forward(
+        self, query: Tensor, reference_points: Tensor, input_flatten: Tensor, padding_mask: Tensor
+    ) -> Tensor:
         return self.module(query, reference_points, input_flatten, self.shapes, None, padding_mask)
 
 
 def _module() -> MSDeformAttn:
     torch.manual_seed(0)
-    module = MSDeformAttn(D_MODEL, n_levels=3, n_heads=4, n_points=2, backend="reference").eval()
+    module = MSDeformAttn(D_MODEL, n_levels=3, nheads=4, n_points=2, backend="reference").eval()
     with torch.no_grad():
         module.sampling_offsets.weight.normal_(0.0, 0.2)
         module.attention_weights.weight.normal_(0.0, 0.2)
@@ -46,13 +47,15 @@ def _inputs(batch: int, seed: int) -> tuple[Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)
     mask = torch.zeros(batch, SEQ, dtype=torch.bool)
     mask[0, -5:] = True
-    return (torch.randn(batch, 5, D_MODEL, generator=gen),
-            torch.rand(batch, 5, len(SHAPES), 2, generator=gen) * 1.2 - 0.1,
-            torch.randn(batch, SEQ, D_MODEL, generator=gen),
-            mask)
+    return (
+        torch.randn(batch, 5, D_MODEL, generator=gen),
+        torch.rand(batch, 5, len(SHAPES), 2, generator=gen) * 1.2 - 0.1,
+        torch.randn(batch, SEQ, D_MODEL, generator=gen),
+        mask,
+    )
 
 
-def _check_with_onnxruntime(model: nn.Module, session: "ort.InferenceSession") -> None:
+def _check_with_onnxruntime(model: nn.Module, session: ort.InferenceSession) -> None:
     assert [i.name for i in session.get_inputs()] == INPUT_NAMES
     for batch in (2, 3):  # dynamic batch: export used 2
         inputs = _inputs(batch, seed=batch)
@@ -68,13 +71,18 @@ def test_torchscript_export_opset17_tensor_shapes():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings: the shapes become constants, as intended
         torch.onnx.export(
-            model, _inputs(2, seed=0), buffer, opset_version=17, dynamo=False,
-            input_names=INPUT_NAMES, output_names=["output"],
+            model,
+            _inputs(2, seed=0),
+            buffer,
+            opset_version=17,
+            dynamo=False,
+            input_names=INPUT_NAMES,
+            output_names=["output"],
             dynamic_axes={name: {0: "batch"} for name in INPUT_NAMES + ["output"]},
         )
     proto = onnx.load_from_string(buffer.getvalue())
     onnx.checker.check_model(proto)
-    assert {op.domain: op.version for op in proto.opset_import}.get("", None) == 17
+    assert {op.domain: op.version for op in proto.opset_import}.get("") == 17
     assert any(node.op_type == "GridSample" for node in proto.graph.node)
     session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
     _check_with_onnxruntime(model, session)
@@ -88,8 +96,16 @@ def test_dynamo_export_int_shapes(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, _inputs(2, seed=0), str(path), dynamo=True, opset_version=17,
-            input_names=INPUT_NAMES, output_names=["output"],
-            dynamic_shapes=({0: batch}, {0: batch}, {0: batch}, {0: batch}), verbose=False,
+            model,
+            _inputs(2, seed=0),
+            str(path),
+            dynamo=True,
+            opset_version=17,
+            input_names=INPUT_NAMES,
+            output_names=["output"],
+            dynamic_shapes=({0: batch}, {0: batch}, {0: batch}, {0: batch}),
+            verbose=False,
         )
-    _check_with_onnxruntime(model, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]))
+    _check_with_onnxruntime(
+        model, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    )

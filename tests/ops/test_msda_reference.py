@@ -11,8 +11,18 @@ from detrkit.ops.msda import available_backends, ms_deform_attn, ms_deform_attn_
 SHAPES = [(5, 7), (3, 3), (1, 2)]
 
 
-def make_inputs(batch=2, queries=6, heads=2, channels=4, shapes=SHAPES, points=3, dtype=torch.float32,
-                low=-0.2, high=1.2, seed=0):
+def make_inputs(
+    batch=2,
+    queries=6,
+    heads=2,
+    channels=4,
+    shapes=SHAPES,
+    points=3,
+    dtype=torch.float32,
+    low=-0.2,
+    high=1.2,
+    seed=0,
+):
     gen = torch.Generator().manual_seed(seed)
     seq = sum(h * w for h, w in shapes)
     levels = len(shapes)
@@ -33,8 +43,11 @@ def original_core(value, value_spatial_shapes, sampling_locations, attention_wei
     for lid, (h, w) in enumerate(value_spatial_shapes):
         value_l = value_list[lid].flatten(2).transpose(1, 2).reshape(n * m, d, int(h), int(w))
         grid_l = grids[:, :, :, lid].transpose(1, 2).flatten(0, 1)
-        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros",
-                                     align_corners=False))
+        sampled.append(
+            F.grid_sample(
+                value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False
+            )
+        )
     weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, n_levels * n_points)
     out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1).view(n, m * d, lq)
     return out.transpose(1, 2).contiguous()
@@ -49,8 +62,10 @@ def test_bitwise_equal_to_original_core():
 
 def test_spatial_shapes_as_ints_or_tensor():
     value, shapes, loc, weights = make_inputs()
-    assert torch.equal(ms_deform_attn_reference(value, shapes, loc, weights),
-                       ms_deform_attn_reference(value, SHAPES, loc, weights))
+    assert torch.equal(
+        ms_deform_attn_reference(value, shapes, loc, weights),
+        ms_deform_attn_reference(value, SHAPES, loc, weights),
+    )
     with pytest.raises(ValueError):
         ms_deform_attn_reference(value, SHAPES[:2], loc, weights)
 
@@ -59,23 +74,27 @@ def test_pixel_centre_convention_and_zero_padding():
     # one level 2 x 3, one head, one channel: value[y, x] = 10 * y + x
     value = torch.tensor([[0.0, 1.0, 2.0], [10.0, 11.0, 12.0]]).reshape(1, 6, 1, 1)
     weights = torch.ones(1, 5, 1, 1, 1)
-    loc = torch.tensor([
-        [(1 + 0.5) / 3, (1 + 0.5) / 2],  # centre of pixel (y=1, x=1)
-        [1.0 / 3, 0.5 / 2],  # halfway between x=0 and x=1 on row 0
-        [0.5 / 3, 1.0 / 2],  # halfway between rows on column 0
-        [0.0, 1.5 / 2],  # x = -0.5 on row 1: half of pixel x=0, the other half is zero padding
-        [1.5, 0.5],  # far outside
-    ]).reshape(1, 5, 1, 1, 1, 2)
+    loc = torch.tensor(
+        [
+            [(1 + 0.5) / 3, (1 + 0.5) / 2],  # centre of pixel (y=1, x=1)
+            [1.0 / 3, 0.5 / 2],  # halfway between x=0 and x=1 on row 0
+            [0.5 / 3, 1.0 / 2],  # halfway between rows on column 0
+            [0.0, 1.5 / 2],  # x = -0.5 on row 1: half of pixel x=0, the other half is zero padding
+            [1.5, 0.5],  # far outside
+        ]
+    ).reshape(1, 5, 1, 1, 1, 2)
     out = ms_deform_attn_reference(value, [(2, 3)], loc, weights).flatten()
     torch.testing.assert_close(out, torch.tensor([11.0, 0.5, 5.0, 5.0, 0.0]))
 
 
 def test_gradcheck_float64():
-    value, shapes, loc, weights = make_inputs(batch=2, queries=3, heads=2, channels=3, points=2,
-                                              dtype=torch.float64, seed=1)
+    value, shapes, loc, weights = make_inputs(
+        batch=2, queries=3, heads=2, channels=3, points=2, dtype=torch.float64, seed=1
+    )
     inputs = tuple(t.clone().requires_grad_() for t in (value, loc, weights))
     assert torch.autograd.gradcheck(
-        lambda v, l, w: ms_deform_attn_reference(v, shapes, l, w), inputs, eps=1e-6, atol=1e-5)
+        lambda v, loc, w: ms_deform_attn_reference(v, shapes, loc, w), inputs, eps=1e-6, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -98,7 +117,9 @@ def test_dispatch_auto_and_reference_on_cpu():
     value, shapes, loc, weights = make_inputs()
     expected = ms_deform_attn_reference(value, shapes, loc, weights)
     assert torch.equal(ms_deform_attn(value, shapes, None, loc, weights), expected)
-    assert torch.equal(ms_deform_attn(value, shapes, None, loc, weights, backend="reference"), expected)
+    assert torch.equal(
+        ms_deform_attn(value, shapes, None, loc, weights, backend="reference"), expected
+    )
     assert "reference" in available_backends()
 
 
@@ -120,8 +141,23 @@ def test_benchmark_smoke_cpu(monkeypatch, capsys, tmp_path):
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out_json = tmp_path / "msda.json"
-    code = run_msda_benchmark(["--device", "cpu", "--small", "--cases", "decoder", "--dtypes", "fp32,bf16",
-                               "--warmup", "0", "--iters", "1", "--json", str(out_json)])
+    code = run_msda_benchmark(
+        [
+            "--device",
+            "cpu",
+            "--small",
+            "--cases",
+            "decoder",
+            "--dtypes",
+            "fp32,bf16",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--json",
+            str(out_json),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert "MSDA benchmark on CPU" in printed and "command:" in printed and "date:" in printed

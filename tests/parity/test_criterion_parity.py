@@ -10,15 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detrkit.losses import SetCriterion
-from detrkit.matching import HungarianMatcher
-from detrkit.postprocess import PostProcessor
+from detrkit.criterion.matcher import HungarianMatcher
+from detrkit.criterion.set_loss import SetCriterion
+from detrkit.inference.postprocess import PostProcessor
 from detrkit.structures import DetectorOutput, LayerOutput, Target
-from tests.parity.fixtures import Fixture, fixture_names, load_fixture
+from tests.conftest import Fixture, fixture_names, load_fixture
 
 pytestmark = pytest.mark.parity
 
 NAMES = fixture_names()
+
 
 # official terms of the denoising branch: 0.0 in eval mode, not produced without outputs.dn
 def _is_denoising_term(name: str) -> bool:
@@ -26,8 +27,9 @@ def _is_denoising_term(name: str) -> bool:
 
 
 def _layer(fx: Fixture, prefix: str) -> LayerOutput:
-    return LayerOutput(fx.tensors[f"{prefix}.pred_logits"].float(),
-                       fx.tensors[f"{prefix}.pred_boxes"].float())
+    return LayerOutput(
+        fx.tensors[f"{prefix}.pred_logits"].float(), fx.tensors[f"{prefix}.pred_boxes"].float()
+    )
 
 
 def _outputs(fx: Fixture) -> DetectorOutput:
@@ -50,20 +52,29 @@ def _criterion(fx: Fixture) -> SetCriterion:
     loss = fx.meta["loss"]
     m = loss["matcher"]
     focal = m["class_cost"] == "focal"
-    matcher = HungarianMatcher(cost_class=m["cost_class"], cost_bbox=m["cost_bbox"],
-                               cost_giou=m["cost_giou"], class_cost=m["class_cost"],
-                               focal_alpha=m["focal_alpha"] if focal else 0.25,
-                               focal_gamma=m["focal_gamma"] if focal else 2.0)
+    matcher = HungarianMatcher(
+        cost_class=m["cost_class"],
+        cost_bbox=m["cost_bbox"],
+        cost_giou=m["cost_giou"],
+        class_cost=m["class_cost"],
+        focal_alpha=m["focal_alpha"] if focal else 0.25,
+        focal_gamma=m["focal_gamma"] if focal else 2.0,
+    )
     weights = loss["weight_dict"]
     interm = "outputs.interm_outputs.pred_logits" in fx.tensors
     return SetCriterion(
-        num_classes=loss["num_classes_passed_to_criterion"], matcher=matcher,
-        class_loss="focal" if focal else "ce", class_weight=weights["loss_ce"],
-        bbox_weight=weights["loss_bbox"], giou_weight=weights["loss_giou"],
+        num_classes=loss["num_classes_passed_to_criterion"],
+        matcher=matcher,
+        class_loss="focal" if focal else "ce",
+        class_weight=weights["loss_ce"],
+        bbox_weight=weights["loss_bbox"],
+        giou_weight=weights["loss_giou"],
         eos_coef=loss["eos_coef"] if loss["eos_coef"] is not None else 0.1,
         focal_alpha=loss["focal_alpha"] if loss["focal_alpha"] is not None else 0.25,
-        enc_name="interm" if interm else "enc", enc_class_agnostic=not interm,
-        log_xy_hw="loss_xy" in loss["terms"])
+        enc_name="interm" if interm else "enc",
+        enc_class_agnostic=not interm,
+        log_xy_hw="loss_xy" in loss["terms"],
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -101,11 +112,13 @@ def test_loss_terms_and_total(name: str) -> None:
 
 def _check_softmax(dets, fx: Fixture) -> None:
     for b, det in enumerate(dets):
-        torch.testing.assert_close(det.scores, fx.tensors[f"postprocess.{b}.scores"],
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            det.scores, fx.tensors[f"postprocess.{b}.scores"], rtol=0, atol=1e-6
+        )
         assert torch.equal(det.labels, fx.tensors[f"postprocess.{b}.labels"])
-        torch.testing.assert_close(det.boxes_xyxy, fx.tensors[f"postprocess.{b}.boxes"],
-                                   rtol=1e-6, atol=1e-4)
+        torch.testing.assert_close(
+            det.boxes_xyxy, fx.tensors[f"postprocess.{b}.boxes"], rtol=1e-6, atol=1e-4
+        )
         assert torch.equal(det.query_index, torch.arange(len(det)))
 
 
@@ -113,8 +126,12 @@ def _check_top_k(dets, fx: Fixture, num_classes: int) -> None:
     for b, det in enumerate(dets):
         ref_scores = fx.tensors[f"postprocess.{b}.scores"]
         assert len(det) == ref_scores.shape[0]
-        torch.testing.assert_close(det.scores.sort(descending=True).values,
-                                   ref_scores.sort(descending=True).values, rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            det.scores.sort(descending=True).values,
+            ref_scores.sort(descending=True).values,
+            rtol=0,
+            atol=1e-6,
+        )
         ref_flat = fx.tensors[f"postprocess.{b}.topk_indexes"].tolist()
         ours_flat = (det.query_index * num_classes + det.labels).tolist()
         ours = {flat: i for i, flat in enumerate(ours_flat)}
@@ -125,8 +142,9 @@ def _check_top_k(dets, fx: Fixture, num_classes: int) -> None:
             i = ours[ref_flat[j]]
             assert det.labels[i].item() == fx.tensors[f"postprocess.{b}.labels"][j].item()
             assert det.scores[i].item() == pytest.approx(ref_scores[j].item(), abs=1e-6)
-            torch.testing.assert_close(det.boxes_xyxy[i], fx.tensors[f"postprocess.{b}.boxes"][j],
-                                       rtol=1e-6, atol=1e-4)
+            torch.testing.assert_close(
+                det.boxes_xyxy[i], fx.tensors[f"postprocess.{b}.boxes"][j], rtol=1e-6, atol=1e-4
+            )
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -5,13 +5,16 @@ Official layout -> detrkit layout (``L`` = decoder layers)::
     backbone.0.body.*                         -> backbone.body.*
     backbone.1.{row,col}_embed.* (learned)    -> position.{row,col}_embed.*
     input_proj.{i}.{0,1}.*                    -> neck.layers.{i}.{0,1}.*
-    transformer.level_embed / encoder.* / decoder.layers.* / reference_points.*
-                                              -> the same names
+    transformer.level_embed / encoder.* / decoder.layers.*
+                                              -> the same names (decoder layers: norm1 and
+                                                 norm2 swapped)
+    transformer.reference_points.*            -> transformer.queries.reference_points.*
     transformer.{enc_output,enc_output_norm,pos_trans,pos_trans_norm}.*
-                                              -> transformer.two_stage_queries.*
-    query_embed.*                             -> transformer.query_embed.*
-    class_embed.{i}.* / bbox_embed.{i}.*      -> transformer.class_embed.{i}.* / bbox_embed.{i}.*
-    class_embed.{L}.* / bbox_embed.{L}.*      -> transformer.enc_class_embed.* / enc_bbox_embed.*
+                                              -> transformer.queries.*
+    query_embed.weight [Q, 2d]                -> transformer.queries.query_pos.weight [Q, :d]
+                                                 and transformer.queries.content.weight [Q, d:]
+    class_embed.{i}.* / bbox_embed.{i}.*      -> transformer.heads.class_embed.{i}.* / ...
+    class_embed.{L}.* / bbox_embed.{L}.*      -> transformer.heads.enc_class_embed.* / ...
                                                  (two-stage with refinement: the encoder heads)
 
 Alias keys (the official model registers one module under several names; a ``.pth`` holds
@@ -23,22 +26,55 @@ same values and dropped; :func:`to_official` writes them back.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+import torch
 from torch import Tensor
 
-from detrkit.config import Config, PositionConfig
-from detrkit.convert.keymap import (BACKBONE_RULES, LEARNED_POSITION_RULES, MULTI_LEVEL_NECK_RULES,
-                                    ConversionError, KeyRule, drop_aliases, rename)
-from detrkit.convert.official import (Args, FamilyConverter, State, apply_training_args, arg,
-                                      assume, backbone_config, need, pick,
-                                      position_kind, resolve_num_classes, transformer_depth)
+from detrkit.config import Config, PositionConfig, TransformerConfig
+from detrkit.convert.keymap import (
+    BACKBONE_RULES,
+    DEFORMABLE_DECODER_RULES,
+    LEARNED_POSITION_RULES,
+    MULTI_LEVEL_NECK_RULES,
+    ConversionError,
+    KeyRule,
+    drop_aliases,
+    per_layer_head_rules,
+    rename,
+)
+from detrkit.convert.official import FamilyConverter
+from detrkit.convert.official_args import (
+    Args,
+    State,
+    apply_training_args,
+    arg,
+    assume,
+    backbone_config,
+    need,
+    pick,
+    position_kind,
+    resolve_num_classes,
+    transformer_depth,
+)
 from detrkit.presets import get_preset
 
-__all__ = ["rules", "aliases", "sine_or_learned_position", "heads_and_points",
-           "to_config", "from_official", "to_official", "CONVERTER"]
+__all__ = [
+    "rules",
+    "aliases",
+    "sine_or_learned_position",
+    "heads_and_points",
+    "to_config",
+    "from_official",
+    "to_official",
+    "CONVERTER",
+]
 
 _TWO_STAGE_PARTS = ("enc_output", "enc_output_norm", "pos_trans", "pos_trans_norm")
+# the official [Q, 2d] query embedding, split into detrkit's positional and content halves
+_JOINT_QUERY_EMBED = "transformer.queries.query_embed."
+_POS, _CONTENT = "transformer.queries.query_pos.weight", "transformer.queries.content.weight"
 
 
 def _layout(cfg: Config) -> tuple[int, bool, bool]:
@@ -50,20 +86,27 @@ def _layout(cfg: Config) -> tuple[int, bool, bool]:
 def rules(cfg: Config) -> tuple[KeyRule, ...]:
     """Official <-> detrkit key rules of the model described by ``cfg`` (aliases excluded)."""
     dec_layers, refine, two_stage = _layout(cfg)
-    out = BACKBONE_RULES + LEARNED_POSITION_RULES + MULTI_LEVEL_NECK_RULES + (
-        KeyRule("transformer.level_embed", "transformer.level_embed"),
-        KeyRule("transformer.encoder.", "transformer.encoder."),
-        KeyRule("transformer.decoder.layers.", "transformer.decoder.layers."),
-        KeyRule("transformer.reference_points.", "transformer.reference_points."),
-        KeyRule("query_embed.", "transformer.query_embed."),
+    out = (
+        BACKBONE_RULES
+        + LEARNED_POSITION_RULES
+        + MULTI_LEVEL_NECK_RULES
+        + DEFORMABLE_DECODER_RULES
+        + (
+            KeyRule("transformer.level_embed", "transformer.level_embed"),
+            KeyRule("transformer.encoder.", "transformer.encoder."),
+            KeyRule("transformer.reference_points.", "transformer.queries.reference_points."),
+            KeyRule("query_embed.", _JOINT_QUERY_EMBED),
+        )
     )
-    out += tuple(KeyRule(f"transformer.{p}.", f"transformer.two_stage_queries.{p}.")
-                 for p in _TWO_STAGE_PARTS)
+    out += tuple(
+        KeyRule(f"transformer.{p}.", f"transformer.queries.{p}.") for p in _TWO_STAGE_PARTS
+    )
     if two_stage and refine:
-        out += (KeyRule(f"class_embed.{dec_layers}.", "transformer.enc_class_embed."),
-                KeyRule(f"bbox_embed.{dec_layers}.", "transformer.enc_bbox_embed."))
-    return out + (KeyRule("class_embed.{n}.", "transformer.class_embed.{n}."),
-                  KeyRule("bbox_embed.{n}.", "transformer.bbox_embed.{n}."))
+        out += (
+            KeyRule(f"class_embed.{dec_layers}.", "transformer.heads.enc_class_embed."),
+            KeyRule(f"bbox_embed.{dec_layers}.", "transformer.heads.enc_bbox_embed."),
+        )
+    return out + per_layer_head_rules()
 
 
 def aliases(cfg: Config, state: State) -> dict[str, str]:
@@ -82,7 +125,7 @@ def aliases(cfg: Config, state: State) -> dict[str, str]:
     for key in state:
         for alias, canonical in prefixes:
             if key.startswith(alias):
-                out[key] = canonical + key[len(alias):]
+                out[key] = canonical + key[len(alias) :]
                 break
     return out
 
@@ -108,12 +151,15 @@ def _refine(state: State) -> bool:
 def heads_and_points(args: Args, state: State, levels: int) -> tuple[int, int, int]:
     """``(nheads, enc_n_points, dec_n_points)`` from the args; the attention-weight shapes
     (``heads * levels * points`` rows) give whichever of them is missing."""
-    nheads, enc_points, dec_points = (arg(args, k) for k in ("nheads", "enc_n_points",
-                                                              "dec_n_points"))
+    nheads, enc_points, dec_points = (
+        arg(args, k) for k in ("nheads", "enc_n_points", "dec_n_points")
+    )
 
     def rows(part: str) -> int | None:
-        key = f"transformer.{part}.layers.0.{'self' if part == 'encoder' else 'cross'}_attn." \
-              "attention_weights.weight"
+        key = (
+            f"transformer.{part}.layers.0.{'self' if part == 'encoder' else 'cross'}_attn."
+            "attention_weights.weight"
+        )
         return int(state[key].shape[0]) if key in state else None
 
     enc_rows, dec_rows = rows("encoder"), rows("decoder")
@@ -131,13 +177,60 @@ def heads_and_points(args: Args, state: State, levels: int) -> tuple[int, int, i
         if found is None:
             return int(assume(name, 4))
         if found % (levels * int(nheads)) != 0:
-            raise ConversionError(f"official args: {name} cannot be inferred: {found} attention "
-                                  f"weights are not a multiple of nheads*levels="
-                                  f"{int(nheads) * levels}; pass nheads and {name}")
+            raise ConversionError(
+                f"official args: {name} cannot be inferred: {found} attention "
+                f"weights are not a multiple of nheads*levels="
+                f"{int(nheads) * levels}; pass nheads and {name}"
+            )
         return found // (levels * int(nheads))
 
-    return (int(nheads), points(enc_points, enc_rows, "enc_n_points"),
-            points(dec_points, dec_rows, "dec_n_points"))
+    return (
+        int(nheads),
+        points(enc_points, enc_rows, "enc_n_points"),
+        points(dec_points, dec_rows, "dec_n_points"),
+    )
+
+
+def _transformer(args: Args, state: State, t: TransformerConfig) -> None:
+    """Width and levels (``transformer.level_embed``), attention heads and points, depth,
+    dropout and activation."""
+
+    def level_embed(dim: int) -> Callable[[], int]:
+        return lambda: int(
+            need(state, "transformer.level_embed", "hidden_dim/num_feature_levels").shape[dim]
+        )
+
+    t.hidden_dim = int(pick(args, "hidden_dim", level_embed(1)))
+    t.num_feature_levels = int(pick(args, "num_feature_levels", level_embed(0)))
+    if t.num_feature_levels == 2:
+        raise ConversionError(
+            "official args: num_feature_levels=2 builds but cannot run in the "
+            "official code (three backbone projections, two level "
+            "embeddings); such a checkpoint cannot be converted"
+        )
+    if not 1 <= t.num_feature_levels <= 5:
+        raise ConversionError(
+            f"official args: num_feature_levels={t.num_feature_levels} is not "
+            "supported (1, 3, 4 or 5)"
+        )
+    t.nheads, t.enc_n_points, t.dec_n_points = heads_and_points(args, state, t.num_feature_levels)
+    transformer_depth(args, state, t)
+    t.dropout = float(pick(args, "dropout", lambda: 0.1))
+    t.activation = "relu"  # hard-coded by the official builder
+
+
+def _query_layout(cfg: Config, two_stage: bool, refine: bool) -> None:
+    """Queries and head sharing of the two official switches ``two_stage`` and
+    ``with_box_refine``."""
+    q, h = cfg.model.queries, cfg.model.heads
+    q.kind = "two_stage" if two_stage else "reference_points"
+    q.content = "proposal" if two_stage else "learned"
+    q.box_update = "refine" if refine else "none"
+    # one head per layer with refinement; one (also for the proposals) without
+    h.share_decoder_class = h.share_decoder_box = not refine
+    h.share_encoder_class = h.share_encoder_box = two_stage and not refine
+    # two-stage: rank every token by score, as the official code
+    q.select_valid_proposals = not two_stage
 
 
 def to_config(args: Args, state: State) -> Config:
@@ -150,39 +243,24 @@ def to_config(args: Args, state: State) -> Config:
     if arg(args, "masks"):
         raise ConversionError("official args: masks=True (segmentation) is not supported")
     cfg = get_preset("deformable_detr_r50")
-    m, t, q = cfg.model, cfg.model.transformer, cfg.model.queries
+    m, q = cfg.model, cfg.model.queries
     m.backbone = backbone_config(args, state)
     m.position = sine_or_learned_position(args, state)
-
-    def level_embed(dim: int) -> Callable[[], int]:
-        return lambda: int(need(state, "transformer.level_embed",
-                                "hidden_dim/num_feature_levels").shape[dim])
-
-    t.hidden_dim = int(pick(args, "hidden_dim", level_embed(1)))
-    t.num_feature_levels = int(pick(args, "num_feature_levels", level_embed(0)))
-    if t.num_feature_levels == 2:
-        raise ConversionError("official args: num_feature_levels=2 builds but cannot run in the "
-                              "official code (three backbone projections, two level "
-                              "embeddings); such a checkpoint cannot be converted")
-    if not 1 <= t.num_feature_levels <= 5:
-        raise ConversionError(f"official args: num_feature_levels={t.num_feature_levels} is not "
-                              "supported (1, 3, 4 or 5)")
-    t.nheads, t.enc_n_points, t.dec_n_points = heads_and_points(args, state,
-                                                                 t.num_feature_levels)
-    transformer_depth(args, state, t)
-    t.dropout = float(pick(args, "dropout", lambda: 0.1))
-    t.activation = "relu"  # hard-coded by the official builder
+    _transformer(args, state, m.transformer)
 
     two_stage = bool(pick(args, "two_stage", lambda: "transformer.enc_output.weight" in state))
     refine = bool(pick(args, "with_box_refine", lambda: _refine(state)))
-    q.kind = "two_stage" if two_stage else "reference_points"
-    q.box_update = "refine" if refine else "none"
-    q.select_valid_proposals = False  # rank every token by score, as the official code
+    _query_layout(cfg, two_stage, refine)
     if two_stage:
         q.num_queries = int(pick(args, "num_queries", lambda: assume("num_queries", 300)))
     else:
-        q.num_queries = int(pick(args, "num_queries", lambda: need(
-            state, "query_embed.weight", "num_queries").shape[0]))
+        q.num_queries = int(
+            pick(
+                args,
+                "num_queries",
+                lambda: need(state, "query_embed.weight", "num_queries").shape[0],
+            )
+        )
     m.aux_loss = bool(pick(args, "aux_loss", lambda: True))
     rows = int(state["class_embed.0.weight"].shape[0]) if "class_embed.0.weight" in state else None
     m.num_classes = resolve_num_classes(args, rows)
@@ -200,11 +278,19 @@ def from_official(state: State, cfg: Config) -> tuple[dict[str, Tensor], list[st
     """
     source = dict(state)
     drop_aliases(source, aliases(cfg, source), "Deformable DETR checkpoint")
-    return rename(source, rules(cfg), ignore=[r"\.num_batches_tracked$"])
+    out, unmatched = rename(source, rules(cfg), ignore=[r"\.num_batches_tracked$"])
+    joint = out.pop(_JOINT_QUERY_EMBED + "weight", None)
+    if joint is not None:
+        half = joint.shape[1] // 2
+        out[_POS], out[_CONTENT] = joint[:, :half], joint[:, half:]
+    return out, unmatched
 
 
 def to_official(state: State, cfg: Config) -> dict[str, Tensor]:
     """detrkit Deformable DETR state dict -> official key names, alias keys included."""
+    state = dict(state)
+    if _POS in state and _CONTENT in state:
+        state[_JOINT_QUERY_EMBED + "weight"] = torch.cat([state.pop(_POS), state.pop(_CONTENT)], 1)
     out, unmatched = rename(state, rules(cfg), reverse=True)
     if unmatched:
         raise ConversionError(f"keys with no official Deformable DETR name: {unmatched[:10]}")
@@ -213,7 +299,7 @@ def to_official(state: State, cfg: Config) -> dict[str, Tensor]:
     for head in ("class_embed", "bbox_embed"):
         canon = {k: v for k, v in out.items() if k.startswith(f"{head}.")}
         for key, value in canon.items():
-            index, rest = key[len(head) + 1:].split(".", 1)
+            index, rest = key[len(head) + 1 :].split(".", 1)
             targets = [f"{head}.{i}.{rest}" for i in range(1, num_pred)] if not refine else []
             if (head == "bbox_embed" and refine) or (head == "class_embed" and two_stage):
                 indices = range(num_pred) if not refine else [int(index)]
@@ -223,5 +309,9 @@ def to_official(state: State, cfg: Config) -> dict[str, Tensor]:
     return out
 
 
-CONVERTER = FamilyConverter(family="deformable_detr", to_config=to_config,
-                            from_official=from_official, to_official=to_official)
+CONVERTER = FamilyConverter(
+    family="deformable_detr",
+    to_config=to_config,
+    from_official=from_official,
+    to_official=to_official,
+)

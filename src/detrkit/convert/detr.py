@@ -4,38 +4,62 @@ Official layout -> detrkit layout::
 
     backbone.0.body.*                              -> backbone.body.*
     backbone.1.{row,col}_embed.*  (learned pos.)   -> position.{row,col}_embed.*
-    input_proj.*                                   -> neck.proj.*
+    input_proj.*                                   -> neck.layers.0.0.*
     transformer.encoder.*                          -> transformer.encoder.*
     transformer.decoder.layers.N.multihead_attn.*  -> transformer.decoder.layers.N.cross_attn.*
     transformer.decoder.*                          -> transformer.decoder.*
-    query_embed.* / class_embed.* / bbox_embed.*   -> transformer.query_embed.* / ...
+    query_embed.*                                  -> transformer.queries.query_pos.*
+    class_embed.* / bbox_embed.*                   -> transformer.heads.{class,bbox}_embed.0.*
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import Tensor
 
 from detrkit.config import Config, PositionConfig
-from detrkit.convert.keymap import (BACKBONE_RULES, LEARNED_POSITION_RULES, ConversionError,
-                                    KeyRule, rename)
-from detrkit.convert.official import (Args, FamilyConverter, State, apply_training_args, arg,
-                                      assume, backbone_config, need, pick,
-                                      position_kind, resolve_num_classes, transformer_depth)
+from detrkit.convert.keymap import (
+    BACKBONE_RULES,
+    LEARNED_POSITION_RULES,
+    SINGLE_LEVEL_NECK_RULES,
+    ConversionError,
+    KeyRule,
+    rename,
+)
+from detrkit.convert.official import FamilyConverter
+from detrkit.convert.official_args import (
+    Args,
+    State,
+    apply_training_args,
+    arg,
+    assume,
+    backbone_config,
+    need,
+    pick,
+    position_kind,
+    resolve_num_classes,
+    transformer_depth,
+)
 from detrkit.presets import get_preset
 
 __all__ = ["RULES", "to_config", "from_official", "to_official", "CONVERTER"]
 
-RULES: tuple[KeyRule, ...] = BACKBONE_RULES + LEARNED_POSITION_RULES + (
-    KeyRule("input_proj.", "neck.proj."),
-    KeyRule("transformer.decoder.layers.{n}.multihead_attn.",
-            "transformer.decoder.layers.{n}.cross_attn."),
-    KeyRule("transformer.encoder.", "transformer.encoder."),
-    KeyRule("transformer.decoder.", "transformer.decoder."),
-    KeyRule("query_embed.", "transformer.query_embed."),
-    KeyRule("class_embed.", "transformer.class_embed."),
-    KeyRule("bbox_embed.", "transformer.bbox_embed."),
+RULES: tuple[KeyRule, ...] = (
+    BACKBONE_RULES
+    + LEARNED_POSITION_RULES
+    + SINGLE_LEVEL_NECK_RULES
+    + (
+        KeyRule(
+            "transformer.decoder.layers.{n}.multihead_attn.",
+            "transformer.decoder.layers.{n}.cross_attn.",
+        ),
+        KeyRule("transformer.encoder.", "transformer.encoder."),
+        KeyRule("transformer.decoder.", "transformer.decoder."),
+        KeyRule("query_embed.", "transformer.queries.query_pos."),
+        KeyRule("class_embed.", "transformer.heads.class_embed.0."),
+        KeyRule("bbox_embed.", "transformer.heads.bbox_embed.0."),
+    )
 )
 
 
@@ -79,5 +103,6 @@ def to_official(state: State, cfg: Config) -> dict[str, Tensor]:
     return out
 
 
-CONVERTER = FamilyConverter(family="detr", to_config=to_config, from_official=from_official,
-                            to_official=to_official)
+CONVERTER = FamilyConverter(
+    family="detr", to_config=to_config, from_official=from_official, to_official=to_official
+)

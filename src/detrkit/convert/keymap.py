@@ -10,15 +10,26 @@ Because rules are plain prefix pairs they are invertible: :func:`rename` with
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ConversionError", "KeyRule", "rename", "drop_aliases", "load_strict",
-           "BACKBONE_RULES", "LEARNED_POSITION_RULES", "MULTI_LEVEL_NECK_RULES"]
+__all__ = [
+    "ConversionError",
+    "KeyRule",
+    "rename",
+    "drop_aliases",
+    "load_strict",
+    "BACKBONE_RULES",
+    "LEARNED_POSITION_RULES",
+    "SINGLE_LEVEL_NECK_RULES",
+    "MULTI_LEVEL_NECK_RULES",
+    "DEFORMABLE_DECODER_RULES",
+    "per_layer_head_rules",
+]
 
 
 class ConversionError(ValueError):
@@ -53,12 +64,13 @@ class KeyRule:
 
     def apply(self, key: str, reverse: bool = False) -> str | None:
         """The renamed key, or ``None`` when the rule does not match ``key``."""
-        src, template = (self._detrkit_re, self.official) if reverse else \
-            (self._official_re, self.detrkit)
+        src, template = (
+            (self._detrkit_re, self.official) if reverse else (self._official_re, self.detrkit)
+        )
         m = src.match(key)
         if m is None:
             return None
-        rest = key[m.end():]
+        rest = key[m.end() :]
         if rest and not (m.group(0).endswith(".") or rest.startswith(".")):
             return None  # "layers.1" must not match "layers.10"
         return template.format(**m.groupdict()) + rest
@@ -70,13 +82,34 @@ LEARNED_POSITION_RULES: tuple[KeyRule, ...] = (
     KeyRule("backbone.1.row_embed.", "position.row_embed."),
     KeyRule("backbone.1.col_embed.", "position.col_embed."),
 )
+SINGLE_LEVEL_NECK_RULES: tuple[KeyRule, ...] = (KeyRule("input_proj.", "neck.layers.0.0."),)
 MULTI_LEVEL_NECK_RULES: tuple[KeyRule, ...] = (
     KeyRule("input_proj.{level}.{part}.", "neck.layers.{level}.{part}."),
 )
+# the official deformable decoder layers normalise cross-attention with norm1 and
+# self-attention with norm2; detrkit's layers number the blocks in order of use
+DEFORMABLE_DECODER_RULES: tuple[KeyRule, ...] = (
+    KeyRule("transformer.decoder.layers.{n}.norm1.", "transformer.decoder.layers.{n}.norm2."),
+    KeyRule("transformer.decoder.layers.{n}.norm2.", "transformer.decoder.layers.{n}.norm1."),
+    KeyRule("transformer.decoder.layers.", "transformer.decoder.layers."),
+)
 
 
-def rename(state: Mapping[str, Tensor], rules: Sequence[KeyRule], *, reverse: bool = False,
-           ignore: Iterable[str] = ()) -> tuple[dict[str, Tensor], list[str]]:
+def per_layer_head_rules() -> tuple[KeyRule, ...]:
+    """``class_embed.{n}`` / ``bbox_embed.{n}`` -> ``transformer.heads.*`` (multi-head models)."""
+    return (
+        KeyRule("class_embed.{n}.", "transformer.heads.class_embed.{n}."),
+        KeyRule("bbox_embed.{n}.", "transformer.heads.bbox_embed.{n}."),
+    )
+
+
+def rename(
+    state: Mapping[str, Tensor],
+    rules: Sequence[KeyRule],
+    *,
+    reverse: bool = False,
+    ignore: Iterable[str] = (),
+) -> tuple[dict[str, Tensor], list[str]]:
     """Rename every key of ``state`` with the first matching rule.
 
     Args:
@@ -119,8 +152,10 @@ def drop_aliases(state: dict[str, Tensor], aliases: Mapping[str, str], source: s
         if canonical not in state:
             state[canonical] = value
         elif not (value.shape == state[canonical].shape and torch.equal(value, state[canonical])):
-            raise ConversionError(f"{source}: '{alias}' should be the same tensor as "
-                                  f"'{canonical}' (shared module) but the values differ")
+            raise ConversionError(
+                f"{source}: '{alias}' should be the same tensor as "
+                f"'{canonical}' (shared module) but the values differ"
+            )
 
 
 def _listing(keys: Sequence[str], limit: int = 12) -> str:
@@ -128,16 +163,20 @@ def _listing(keys: Sequence[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def load_strict(model: nn.Module, state: Mapping[str, Tensor], source: str,
-                unmatched: Sequence[str] = ()) -> None:
+def load_strict(
+    model: nn.Module, state: Mapping[str, Tensor], source: str, unmatched: Sequence[str] = ()
+) -> None:
     """Load ``state`` into ``model``: every key must exist with the right shape, and every
     model key must be provided. ``unmatched``: upstream keys no rule could place (reported too).
     Raises :class:`ConversionError` listing all offending keys."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = list(unmatched) + [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-             for k in state if k in own and state[k].shape != own[k].shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in state
+        if k in own and state[k].shape != own[k].shape
+    ]
     problems = []
     if unexpected:
         problems.append(f"unexpected keys: {_listing(unexpected)}")
@@ -146,5 +185,7 @@ def load_strict(model: nn.Module, state: Mapping[str, Tensor], source: str,
     if wrong:
         problems.append(f"shape mismatches (checkpoint vs model): {_listing(wrong)}")
     if problems:
-        raise ConversionError(f"{source}: checkpoint does not fit the model; " + "; ".join(problems))
+        raise ConversionError(
+            f"{source}: checkpoint does not fit the model; " + "; ".join(problems)
+        )
     model.load_state_dict(dict(state), strict=True)

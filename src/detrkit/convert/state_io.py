@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,7 +38,9 @@ def args_to_dict(args: Any) -> dict[str, Any] | None:
         return dict(vars(args))
     if isinstance(args, Mapping):
         return dict(args)
-    raise TypeError(f"official args: expected a dict or argparse.Namespace, got {type(args).__name__}")
+    raise TypeError(
+        f"official args: expected a dict or argparse.Namespace, got {type(args).__name__}"
+    )
 
 
 def _load_pickle(path: Path) -> Any:
@@ -48,7 +51,8 @@ def _load_pickle(path: Path) -> Any:
         raise ValueError(
             f"{path}: refusing to load: the pickle needs objects other than tensors, containers "
             f"and argparse.Namespace ({str(err).splitlines()[0]}). Re-save the state dict with "
-            "torch.save({'model': state_dict}) or as safetensors") from None
+            "torch.save({'model': state_dict}) or as safetensors"
+        ) from None
     except RuntimeError as err:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({err})") from None
 
@@ -75,8 +79,10 @@ def _load_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any] | N
 def _unwrap(obj: Any, source: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Find the state dict (and args) inside a loaded checkpoint object."""
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{source}: expected a state dict or a dict with a 'model' entry, "
-                         f"got {type(obj).__name__}")
+        raise ValueError(
+            f"{source}: expected a state dict or a dict with a 'model' entry, "
+            f"got {type(obj).__name__}"
+        )
     args = args_to_dict(obj.get("args")) if "args" in obj else None
     for key in ("model", "state_dict"):
         if key in obj and isinstance(obj[key], Mapping):
@@ -107,5 +113,5 @@ def read_checkpoint(src: str | Path | Mapping[str, Any]) -> OfficialCheckpoint:
     if bad:
         raise ValueError(f"{source}: state dict entries are not tensors: {bad[:5]}")
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return OfficialCheckpoint(state=state, args=args, source=source)

@@ -12,9 +12,21 @@ from typing import TYPE_CHECKING, Any
 
 from detrkit.data.errors import DatasetError, DatasetWarning
 
-__all__ = ["DatasetError", "DatasetWarning", "CocoDetection", "VocDetection", "read_image",
-           "build_transforms", "collate", "images_to_batch", "generate_shapes",
-           "SyntheticPaths", "build_datasets", "build_loader", "check_dataset"]
+__all__ = [
+    "DatasetError",
+    "DatasetWarning",
+    "CocoDetection",
+    "VocDetection",
+    "read_image",
+    "build_transforms",
+    "collate",
+    "images_to_batch",
+    "generate_shapes",
+    "SyntheticPaths",
+    "build_datasets",
+    "build_loader",
+    "check_dataset",
+]
 
 _LAZY = {
     "CocoDetection": "detrkit.data.coco",

@@ -34,23 +34,38 @@ def build_datasets(data: DataConfig) -> tuple[CocoDetection, CocoDetection]:
                 raise ConfigError(f"data.{key}: required when data.format=coco")
         train_images, train_ann = Path(data.train_images), Path(data.train_annotations)
         val_images, val_ann = Path(data.val_images), Path(data.val_annotations)
-    train = CocoDetection(train_images, train_ann,
-                          build_transforms(data.augment, data.mean, data.std, train=True),
-                          train=True)
-    val = CocoDetection(val_images, val_ann,
-                        build_transforms(data.augment, data.mean, data.std, train=False),
-                        train=False, label_map=train.label_map)
+    train = CocoDetection(
+        train_images,
+        train_ann,
+        build_transforms(data.augment, data.mean, data.std, train=True),
+        train=True,
+    )
+    val = CocoDetection(
+        val_images,
+        val_ann,
+        build_transforms(data.augment, data.mean, data.std, train=False),
+        train=False,
+        label_map=train.label_map,
+    )
     return train, val
 
 
-def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int,
-                 seed: int) -> DataLoader:
+def build_loader(
+    dataset: Dataset, batch_size: int, train: bool, num_workers: int, seed: int
+) -> DataLoader:
     """A DataLoader yielding ``(ImageBatch, list[Target])`` (see :func:`collate`).
 
     train: shuffle with a torch generator seeded by ``seed`` (the same seed gives the same
     order; worker seeds derive from it too). drop_last is False in both modes.
     """
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=num_workers,
-                      collate_fn=collate, drop_last=False, generator=generator,
-                      persistent_workers=False)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        num_workers=num_workers,
+        collate_fn=collate,
+        drop_last=False,
+        generator=generator,
+        persistent_workers=False,
+    )

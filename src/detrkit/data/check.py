@@ -66,18 +66,24 @@ def _report(index: CocoIndex, source: str) -> str:
     name_width = max([len(n) for n in index.label_map.names] + [4])
     lines.append(f"  {'index':>5}  {'id':>6}  {'name':<{name_width}}  {'boxes':>7}  {'images':>7}")
     for i, (cid, name) in enumerate(zip(index.label_map.category_ids, index.label_map.names)):
-        lines.append(f"  {i:>5}  {cid:>6}  {name:<{name_width}}  {int(boxes_per_class[i]):>7}"
-                     f"  {int(images_per_class[i]):>7}")
+        lines.append(
+            f"  {i:>5}  {cid:>6}  {name:<{name_width}}  {int(boxes_per_class[i]):>7}"
+            f"  {int(images_per_class[i]):>7}"
+        )
     if widths:
         w, h = np.concatenate(widths), np.concatenate(heights)
-        lines.append(f"box size:    width {w.min():.1f}..{w.max():.1f} (median "
-                     f"{np.median(w):.1f}), height {h.min():.1f}..{h.max():.1f} (median "
-                     f"{np.median(h):.1f}) pixels")
+        lines.append(
+            f"box size:    width {w.min():.1f}..{w.max():.1f} (median "
+            f"{np.median(w):.1f}), height {h.min():.1f}..{h.max():.1f} (median "
+            f"{np.median(h):.1f}) pixels"
+        )
     if index.repairs:
         lines.append(f"repairs:     {len(index.repairs)} kind(s), applied when loading")
         # a VOC check loads a temporary conversion: name the user's files instead
-        lines.extend(f"  - {message.replace(str(index.annotations_file), source)}"
-                     for message in index.repairs)
+        lines.extend(
+            f"  - {message.replace(str(index.annotations_file), source)}"
+            for message in index.repairs
+        )
     else:
         lines.append("repairs:     none needed")
     return "\n".join(lines)

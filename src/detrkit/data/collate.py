@@ -12,8 +12,9 @@ from detrkit.structures import ImageBatch, Target
 __all__ = ["images_to_batch", "collate"]
 
 
-def images_to_batch(images: Sequence[Tensor],
-                    orig_sizes: Sequence[tuple[int, int]] | None = None) -> ImageBatch:
+def images_to_batch(
+    images: Sequence[Tensor], orig_sizes: Sequence[tuple[int, int]] | None = None
+) -> ImageBatch:
     """Pad images ``[3, h_i, w_i]`` (normalised float) into one :class:`ImageBatch`.
 
     Each image sits in the top-left corner of a ``[B, 3, H, W]`` zero tensor
@@ -24,8 +25,9 @@ def images_to_batch(images: Sequence[Tensor],
         raise ValueError("images_to_batch: no images")
     for i, image in enumerate(images):
         if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"images_to_batch: image {i} has shape {tuple(image.shape)}, "
-                             "expected [3, H, W]")
+            raise ValueError(
+                f"images_to_batch: image {i} has shape {tuple(image.shape)}, expected [3, H, W]"
+            )
     sizes = torch.tensor([[im.shape[1], im.shape[2]] for im in images], dtype=torch.int64)
     height, width = (int(v) for v in sizes.max(dim=0).values)
     first = images[0]
@@ -39,8 +41,9 @@ def images_to_batch(images: Sequence[Tensor],
         orig = sizes.clone()
     else:
         if len(orig_sizes) != len(images):
-            raise ValueError(f"images_to_batch: {len(orig_sizes)} orig_sizes for "
-                             f"{len(images)} images")
+            raise ValueError(
+                f"images_to_batch: {len(orig_sizes)} orig_sizes for {len(images)} images"
+            )
         orig = torch.tensor([[int(h), int(w)] for h, w in orig_sizes], dtype=torch.int64)
     return ImageBatch(batch, mask, sizes.to(first.device), orig.to(first.device))
 

@@ -50,8 +50,12 @@ class SyntheticPaths:
 
 
 def _paths(root: Path) -> SyntheticPaths:
-    return SyntheticPaths(root / "train", root / "annotations" / "instances_train.json",
-                          root / "val", root / "annotations" / "instances_val.json")
+    return SyntheticPaths(
+        root / "train",
+        root / "annotations" / "instances_train.json",
+        root / "val",
+        root / "annotations" / "instances_val.json",
+    )
 
 
 def _meta(cfg: SyntheticConfig) -> dict:
@@ -66,9 +70,11 @@ def _is_complete(root: Path, cfg: SyntheticConfig, paths: SyntheticPaths) -> boo
     if meta != _meta(cfg):
         return False
     expected = [(paths.train_images, cfg.num_train), (paths.val_images, cfg.num_val)]
-    return (paths.train_annotations.is_file() and paths.val_annotations.is_file()
-            and all((folder / f"{i:05d}.png").is_file() for folder, n in expected
-                    for i in range(n)))
+    return (
+        paths.train_annotations.is_file()
+        and paths.val_annotations.is_file()
+        and all((folder / f"{i:05d}.png").is_file() for folder, n in expected for i in range(n))
+    )
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -96,8 +102,10 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     else:  # smooth noise: a coarse random grid upsampled bilinearly
         cells = int(rng.integers(3, 9))
         coarse = (rng.uniform(0, 255, (cells, cells))).astype(np.uint8)
-        t = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR),
-                       np.float32) / 255.0
+        t = (
+            np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR), np.float32)
+            / 255.0
+        )
     image = c0 + (c1 - c0) * t[..., None]  # [S, S, 3]
     image += rng.normal(0, rng.uniform(2, 10), (size, size, 3))
     return image.astype(np.float32)
@@ -117,8 +125,9 @@ def _contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> tuple[in
 # ----------------------------------------------------------------------------- shapes
 
 
-def _shape_mask(kind: int, x0: int, y0: int, w: int, h: int, size: int,
-                rng: np.random.Generator) -> Image.Image:
+def _shape_mask(
+    kind: int, x0: int, y0: int, w: int, h: int, size: int, rng: np.random.Generator
+) -> Image.Image:
     """An ``L`` mask (255 inside) of shape ``kind`` filling the box ``(x0, y0, w, h)``."""
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
@@ -156,8 +165,9 @@ def _overlap_ok(box: tuple[int, int, int, int], placed: list[tuple[int, int, int
     return True
 
 
-def _make_image(rng: np.random.Generator, cfg: SyntheticConfig
-                ) -> tuple[Image.Image, list[tuple[int, list[int], int]]]:
+def _make_image(
+    rng: np.random.Generator, cfg: SyntheticConfig
+) -> tuple[Image.Image, list[tuple[int, list[int], int]]]:
     """One image and its objects as ``(class index, [x, y, w, h], area)``."""
     size = cfg.image_size
     background = _background(rng, size)  # [S, S, 3]
@@ -190,8 +200,9 @@ def _make_image(rng: np.random.Generator, cfg: SyntheticConfig
     return canvas, objects
 
 
-def _write_split(images_dir: Path, annotations: Path, num: int, cfg: SyntheticConfig,
-                 split: int) -> None:
+def _write_split(
+    images_dir: Path, annotations: Path, num: int, cfg: SyntheticConfig, split: int
+) -> None:
     images_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([cfg.seed, split])
     images, anns = [], []
@@ -202,19 +213,29 @@ def _write_split(images_dir: Path, annotations: Path, num: int, cfg: SyntheticCo
         tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
         canvas.save(tmp, format="PNG", compress_level=1)
         os.replace(tmp, path)
-        images.append({"id": i + 1, "file_name": name, "width": cfg.image_size,
-                       "height": cfg.image_size})
+        images.append(
+            {"id": i + 1, "file_name": name, "width": cfg.image_size, "height": cfg.image_size}
+        )
         for kind, bbox, area in objects:
-            anns.append({"id": len(anns) + 1, "image_id": i + 1,
-                         "category_id": SHAPE_CATEGORY_IDS[kind], "bbox": bbox,
-                         "area": area, "iscrowd": 0})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": SHAPE_CATEGORY_IDS[kind],
+                    "bbox": bbox,
+                    "area": area,
+                    "iscrowd": 0,
+                }
+            )
     data = {
         "info": {"description": "detrkit synthetic shapes", "version": str(_FORMAT_VERSION)},
         "licenses": [],
         "images": images,
         "annotations": anns,
-        "categories": [{"id": cid, "name": name, "supercategory": "shape"}
-                       for cid, name in zip(SHAPE_CATEGORY_IDS, SHAPE_NAMES)],
+        "categories": [
+            {"id": cid, "name": name, "supercategory": "shape"}
+            for cid, name in zip(SHAPE_CATEGORY_IDS, SHAPE_NAMES)
+        ],
     }
     annotations.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(annotations, json.dumps(data, indent=1).encode())
@@ -224,8 +245,10 @@ def generate_shapes(root: str | Path, cfg: SyntheticConfig) -> SyntheticPaths:
     """Write (or find already written) the synthetic shapes train and val splits under
     ``root`` (see the module docstring) and return their paths."""
     if not 1 <= cfg.min_objects <= cfg.max_objects:
-        raise ValueError("generate_shapes: need 1 <= min_objects <= max_objects, got "
-                         f"{cfg.min_objects}, {cfg.max_objects}")
+        raise ValueError(
+            "generate_shapes: need 1 <= min_objects <= max_objects, got "
+            f"{cfg.min_objects}, {cfg.max_objects}"
+        )
     if cfg.image_size < 16:
         raise ValueError(f"generate_shapes: image_size must be >= 16, got {cfg.image_size}")
     root = Path(root)

@@ -28,8 +28,14 @@ from torchvision.transforms.v2 import functional as F
 from detrkit.boxes import xyxy_to_cxcywh
 from detrkit.config import AugmentConfig
 
-__all__ = ["detr_resize_size", "RandomShorterSideResize", "RandomSizeCrop", "Transformed",
-           "DetectionTransform", "build_transforms"]
+__all__ = [
+    "detr_resize_size",
+    "RandomShorterSideResize",
+    "RandomSizeCrop",
+    "Transformed",
+    "DetectionTransform",
+    "build_transforms",
+]
 
 
 def detr_resize_size(height: int, width: int, size: int, max_size: int | None) -> tuple[int, int]:
@@ -45,7 +51,7 @@ def detr_resize_size(height: int, width: int, size: int, max_size: int | None) -
     if max_size is not None:
         short, long = float(min(height, width)), float(max(height, width))
         if long / short * size > max_size:
-            size = int(round(max_size * short / long))
+            size = round(max_size * short / long)
     if (width <= height and width == size) or (height <= width and height == size):
         return height, width
     if width < height:
@@ -92,8 +98,9 @@ class RandomSizeCrop(v2.Transform):
     def __init__(self, min_size: int, max_size: int) -> None:
         super().__init__()
         if not 1 <= min_size <= max_size:
-            raise ValueError(f"RandomSizeCrop: need 1 <= min_size <= max_size, got "
-                             f"[{min_size}, {max_size}]")
+            raise ValueError(
+                f"RandomSizeCrop: need 1 <= min_size <= max_size, got [{min_size}, {max_size}]"
+            )
         self.min_size, self.max_size = int(min_size), int(max_size)
 
     def _draw(self, low: int, high: int) -> int:
@@ -131,8 +138,12 @@ class DetectionTransform:
     mean / std: per-channel normalisation (RGB, images scaled to [0, 1] first); None skips it.
     """
 
-    def __init__(self, geometric: Sequence[v2.Transform], mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        geometric: Sequence[v2.Transform],
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
         if (mean is None) != (std is None):
             raise ValueError("DetectionTransform: give both mean and std, or neither")
         self.geometric = v2.Compose(list(geometric)) if geometric else None
@@ -141,8 +152,12 @@ class DetectionTransform:
             tail.append(v2.Normalize(list(mean), list(std)))
         self.to_tensor = v2.Compose(tail)
 
-    def __call__(self, image: PIL.Image.Image | Tensor, boxes_xyxy: Tensor | None = None,
-                 labels: Tensor | None = None) -> Transformed:
+    def __call__(
+        self,
+        image: PIL.Image.Image | Tensor,
+        boxes_xyxy: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> Transformed:
         """Transform one image and, optionally, its boxes.
 
         image: an RGB PIL image, or a ``[3, H, W]`` tensor (uint8, or float in [0, 1]).
@@ -159,39 +174,51 @@ class DetectionTransform:
         if labels is None or labels.shape[0] != boxes_xyxy.shape[0]:
             raise ValueError("DetectionTransform: labels must be given with one entry per box")
         h, w = _image_size([image])
-        boxes = tv_tensors.BoundingBoxes(boxes_xyxy.to(torch.float32).reshape(-1, 4),
-                                         format="XYXY", canvas_size=(h, w))
+        boxes = tv_tensors.BoundingBoxes(
+            boxes_xyxy.to(torch.float32).reshape(-1, 4), format="XYXY", canvas_size=(h, w)
+        )
         if self.geometric is not None:
             image, boxes = self.geometric(image, boxes)
         out = self.to_tensor(image).as_subclass(Tensor)  # [3, h, w]
         xyxy = boxes.as_subclass(Tensor)  # [N, 4] absolute
         h, w = out.shape[-2:]
-        xyxy = torch.stack([xyxy[:, 0].clamp(0, w), xyxy[:, 1].clamp(0, h),
-                            xyxy[:, 2].clamp(0, w), xyxy[:, 3].clamp(0, h)], dim=-1)
+        xyxy = torch.stack(
+            [
+                xyxy[:, 0].clamp(0, w),
+                xyxy[:, 1].clamp(0, h),
+                xyxy[:, 2].clamp(0, w),
+                xyxy[:, 3].clamp(0, h),
+            ],
+            dim=-1,
+        )
         keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])  # [N]
         scale = torch.tensor([w, h, w, h], dtype=torch.float32)
         boxes_cxcywh = xyxy_to_cxcywh(xyxy[keep]) / scale  # [M, 4] normalised
         return Transformed(out, boxes_cxcywh, labels[keep])
 
 
-def build_transforms(augment: AugmentConfig, mean: Sequence[float], std: Sequence[float],
-                     train: bool) -> DetectionTransform:
+def build_transforms(
+    augment: AugmentConfig, mean: Sequence[float], std: Sequence[float], train: bool
+) -> DetectionTransform:
     """The DETR training augmentation (``train=True``) or the validation resize, followed by
     conversion to float and normalisation with ``mean`` / ``std`` (see the module docstring)."""
     if not train:
-        return DetectionTransform([RandomShorterSideResize([augment.val_scale],
-                                                           augment.max_size)], mean, std)
+        return DetectionTransform(
+            [RandomShorterSideResize([augment.val_scale], augment.max_size)], mean, std
+        )
     geometric: list[v2.Transform] = []
     if augment.hflip:
         geometric.append(v2.RandomHorizontalFlip(p=0.5))
     multi_scale = RandomShorterSideResize(augment.train_scales, augment.max_size)
     if augment.crop:
         low, high = augment.crop_size
-        crop_branch = v2.Compose([
-            RandomShorterSideResize(augment.crop_resize_scales),
-            RandomSizeCrop(low, high),
-            RandomShorterSideResize(augment.train_scales, augment.max_size),
-        ])
+        crop_branch = v2.Compose(
+            [
+                RandomShorterSideResize(augment.crop_resize_scales),
+                RandomSizeCrop(low, high),
+                RandomShorterSideResize(augment.train_scales, augment.max_size),
+            ]
+        )
         geometric.append(v2.RandomChoice([multi_scale, crop_branch], p=[0.5, 0.5]))
     else:
         geometric.append(multi_scale)

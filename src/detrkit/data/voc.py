@@ -103,11 +103,16 @@ def read_voc_xml(xml_path: str | Path) -> VocAnnotation:
         if box is None:
             raise DatasetError(f"{xml_path}: {where} has no <bndbox>")
         difficult = obj.find("difficult")
-        objects.append(VocObject(
-            _text(obj, "name", xml_path, where),
-            *(_number(box, tag, xml_path, f"{where} <bndbox>")
-              for tag in ("xmin", "ymin", "xmax", "ymax")),
-            difficult=difficult is not None and (difficult.text or "").strip() == "1"))
+        objects.append(
+            VocObject(
+                _text(obj, "name", xml_path, where),
+                *(
+                    _number(box, tag, xml_path, f"{where} <bndbox>")
+                    for tag in ("xmin", "ymin", "xmax", "ymax")
+                ),
+                difficult=difficult is not None and (difficult.text or "").strip() == "1",
+            )
+        )
     return VocAnnotation(xml_path, filename, width, height, objects)
 
 
@@ -135,13 +140,20 @@ def _find_image(images_dir: Path, ann: VocAnnotation) -> str:
             for candidate in (f"{stem}{ext}", f"{stem}{ext.upper()}"):
                 if (images_dir / candidate).is_file():
                     return candidate
-    raise DatasetError(f"{ann.xml_path}: image '{ann.filename}' not found in {images_dir} "
-                       "(nor an image with the same stem)")
+    raise DatasetError(
+        f"{ann.xml_path}: image '{ann.filename}' not found in {images_dir} "
+        "(nor an image with the same stem)"
+    )
 
 
-def voc_to_coco(images_dir: str | Path, annotations: str | Path | Sequence[str | Path],
-                out_file: str | Path, *, class_names: Sequence[str] | None = None,
-                rename: Mapping[str, str] | None = None) -> LabelMap:
+def voc_to_coco(
+    images_dir: str | Path,
+    annotations: str | Path | Sequence[str | Path],
+    out_file: str | Path,
+    *,
+    class_names: Sequence[str] | None = None,
+    rename: Mapping[str, str] | None = None,
+) -> LabelMap:
     """Convert VOC XML files (a folder of ``*.xml``, one file, or a list) whose images are in
     ``images_dir`` into the COCO JSON ``out_file`` (see the module docstring for the
     conventions). Returns the label map (category ids ``1..C``)."""
@@ -162,16 +174,29 @@ def voc_to_coco(images_dir: str | Path, annotations: str | Path | Sequence[str |
         for obj in ann.objects:
             name = rename.get(obj.name, obj.name)
             if name not in category_of:
-                raise DatasetError(f"{ann.xml_path}: class '{name}' is not in class_names "
-                                   f"{names}; add it or map it with rename")
+                raise DatasetError(
+                    f"{ann.xml_path}: class '{name}' is not in class_names "
+                    f"{names}; add it or map it with rename"
+                )
             x0, y0 = obj.xmin - 1.0, obj.ymin - 1.0
             w, h = obj.xmax - x0, obj.ymax - y0
-            anns.append({"id": len(anns) + 1, "image_id": image_id,
-                         "category_id": category_of[name], "bbox": [x0, y0, w, h],
-                         "area": max(w, 0.0) * max(h, 0.0), "iscrowd": int(obj.difficult)})
-    data = {"info": {"description": "converted from Pascal VOC XML by detrkit"},
-            "licenses": [], "images": images, "annotations": anns,
-            "categories": [{"id": i, "name": n} for n, i in category_of.items()]}
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": image_id,
+                    "category_id": category_of[name],
+                    "bbox": [x0, y0, w, h],
+                    "area": max(w, 0.0) * max(h, 0.0),
+                    "iscrowd": int(obj.difficult),
+                }
+            )
+    data = {
+        "info": {"description": "converted from Pascal VOC XML by detrkit"},
+        "licenses": [],
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": i, "name": n} for n, i in category_of.items()],
+    }
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".{out_file.name}.{os.getpid()}.tmp")
@@ -191,26 +216,45 @@ class VocDetection(CocoDetection):
     (e.g. the training set's); its names must match the converted category names.
     """
 
-    def __init__(self, images_dir: str | Path,
-                 annotations: str | Path | Sequence[str | Path],
-                 transforms: DetectionTransform | None = None, *, train: bool,
-                 class_names: Sequence[str] | None = None,
-                 rename: Mapping[str, str] | None = None,
-                 label_map: LabelMap | None = None,
-                 converted_file: str | Path | None = None,
-                 check_image_sizes: bool = True) -> None:
+    def __init__(
+        self,
+        images_dir: str | Path,
+        annotations: str | Path | Sequence[str | Path],
+        transforms: DetectionTransform | None = None,
+        *,
+        train: bool,
+        class_names: Sequence[str] | None = None,
+        rename: Mapping[str, str] | None = None,
+        label_map: LabelMap | None = None,
+        converted_file: str | Path | None = None,
+        check_image_sizes: bool = True,
+    ) -> None:
         if label_map is not None and class_names is None:
             class_names = label_map.names
         if converted_file is None:
-            key = json.dumps([str(Path(images_dir).resolve()),
-                              [str(p.resolve()) for p in _xml_files(annotations)],
-                              list(class_names or []), sorted((rename or {}).items())])
+            key = json.dumps(
+                [
+                    str(Path(images_dir).resolve()),
+                    [str(p.resolve()) for p in _xml_files(annotations)],
+                    list(class_names or []),
+                    sorted((rename or {}).items()),
+                ]
+            )
             digest = hashlib.sha1(key.encode()).hexdigest()[:16]
             converted_file = Path(tempfile.gettempdir()) / "detrkit-voc" / f"{digest}.json"
-        converted = voc_to_coco(images_dir, annotations, converted_file,
-                                class_names=class_names, rename=rename)
+        converted = voc_to_coco(
+            images_dir, annotations, converted_file, class_names=class_names, rename=rename
+        )
         if label_map is not None and list(label_map.names) != converted.names:
-            raise DatasetError(f"{converted_file}: class names {converted.names} differ from "
-                               f"the label map's {label_map.names}")
-        super().__init__(images_dir, converted_file, transforms, train=train,
-                         label_map=converted, check_image_sizes=check_image_sizes)
+            raise DatasetError(
+                f"{converted_file}: class names {converted.names} differ from "
+                f"the label map's {label_map.names}"
+            )
+        super().__init__(
+            images_dir,
+            converted_file,
+            transforms,
+            train=train,
+            label_map=converted,
+            check_image_sizes=check_image_sizes,
+        )

@@ -17,8 +17,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-__all__ = ["DistInfo", "init_distributed", "shard_dataset", "wrap_model", "unwrap_model",
-           "barrier", "shutdown"]
+__all__ = [
+    "DistInfo",
+    "init_distributed",
+    "shard_dataset",
+    "wrap_model",
+    "unwrap_model",
+    "barrier",
+    "shutdown",
+]
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,7 @@ def shard_dataset(dataset: Dataset, info: DistInfo, seed: int) -> Dataset:
     n = len(dataset)  # type: ignore[arg-type]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     order += order[: (-n) % info.world_size]
-    return Subset(dataset, order[info.rank:: info.world_size])
+    return Subset(dataset, order[info.rank :: info.world_size])
 
 
 def wrap_model(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:

@@ -13,8 +13,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["BACKBONE_PREFIX", "LINEAR_PROJ_NAMES", "param_groups", "build_optimizer",
-           "build_scheduler", "group_lrs", "is_backbone_param"]
+__all__ = [
+    "BACKBONE_PREFIX",
+    "LINEAR_PROJ_NAMES",
+    "param_groups",
+    "build_optimizer",
+    "build_scheduler",
+    "group_lrs",
+    "is_backbone_param",
+]
 
 BACKBONE_PREFIX = "backbone"
 LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
@@ -25,9 +32,15 @@ def is_backbone_param(name: str) -> bool:
     return BACKBONE_PREFIX in name.split(".")
 
 
-def param_groups(model: nn.Module, *, lr: float, lr_backbone: float, weight_decay: float,
-                 linear_proj_lr_mult: float = 1.0,
-                 linear_proj_names: Sequence[str] = LINEAR_PROJ_NAMES) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    *,
+    lr: float,
+    lr_backbone: float,
+    weight_decay: float,
+    linear_proj_lr_mult: float = 1.0,
+    linear_proj_names: Sequence[str] = LINEAR_PROJ_NAMES,
+) -> list[dict]:
     """Split the trainable parameters of ``model`` into named AdamW groups.
 
     A parameter belongs to the backbone when a component of its name is ``backbone``; it is a
@@ -46,22 +59,37 @@ def param_groups(model: nn.Module, *, lr: float, lr_backbone: float, weight_deca
         else:
             groups["main"].append(param)
     rates = {"main": lr, "backbone": lr_backbone, "linear_proj": lr * linear_proj_lr_mult}
-    return [{"name": key, "params": params, "lr": rates[key], "weight_decay": weight_decay}
-            for key, params in groups.items() if params]
+    return [
+        {"name": key, "params": params, "lr": rates[key], "weight_decay": weight_decay}
+        for key, params in groups.items()
+        if params
+    ]
 
 
-def build_optimizer(model: nn.Module, *, lr: float, lr_backbone: float, weight_decay: float,
-                    linear_proj_lr_mult: float = 1.0) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    lr_backbone: float,
+    weight_decay: float,
+    linear_proj_lr_mult: float = 1.0,
+) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups` of ``model``."""
-    groups = param_groups(model, lr=lr, lr_backbone=lr_backbone, weight_decay=weight_decay,
-                          linear_proj_lr_mult=linear_proj_lr_mult)
+    groups = param_groups(
+        model,
+        lr=lr,
+        lr_backbone=lr_backbone,
+        weight_decay=weight_decay,
+        linear_proj_lr_mult=linear_proj_lr_mult,
+    )
     if not groups:
         raise ValueError("the model has no trainable parameters")
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, *, lr_drop: int,
-                    gamma: float) -> torch.optim.lr_scheduler.StepLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, *, lr_drop: int, gamma: float
+) -> torch.optim.lr_scheduler.StepLR:
     """Multiply every group's learning rate by ``gamma`` every ``lr_drop`` epochs (stepped once
     per epoch)."""
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, lr_drop), gamma=gamma)

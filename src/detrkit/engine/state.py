@@ -1,10 +1,10 @@
 """Everything besides the weights that a resumed run needs to continue exactly.
 
 The model weights live in the detrkit checkpoint (``<name>.safetensors`` + ``<name>.json``,
-see :mod:`detrkit.checkpoint`); the training state lives beside it in ``<name>.train.pt``:
+see :mod:`detrkit.engine.checkpoint`); the training state lives beside it in ``<name>.train.pt``:
 completed epochs, best AP, optimiser, scheduler and grad-scaler state, and the random number
-generators (Python, NumPy, torch CPU, torch CUDA). The file holds only tensors and plain Python values, so it is read with
-``torch.load(weights_only=True)``.
+generators (Python, NumPy, torch CPU, torch CUDA). The file holds only tensors and plain
+Python values, so it is read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["TrainState", "capture_rng", "restore_rng", "save_train_state", "load_train_state",
-           "seed_everything"]
+__all__ = [
+    "TrainState",
+    "capture_rng",
+    "restore_rng",
+    "save_train_state",
+    "load_train_state",
+    "seed_everything",
+]
 
 
 @dataclass
@@ -54,11 +60,17 @@ def capture_rng() -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any]) -> None:
     """Put every generator back to a :func:`capture_rng` state."""
-    random.setstate((state["python_version"], tuple(int(v) for v in state["python"].tolist()),
-                     state["python_gauss"]))
+    random.setstate(
+        (
+            state["python_version"],
+            tuple(int(v) for v in state["python"].tolist()),
+            state["python_gauss"],
+        )
+    )
     keys = state["numpy_keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, state["numpy_pos"], state["numpy_has_gauss"],
-                         state["numpy_gauss"]))
+    np.random.set_state(
+        ("MT19937", keys, state["numpy_pos"], state["numpy_has_gauss"], state["numpy_gauss"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = state["cuda"]
@@ -68,21 +80,34 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def save_train_state(checkpoint: str | Path, state: TrainState) -> Path:
     """Write ``state`` to ``<checkpoint>.train.pt``; returns that path."""
-    from detrkit.checkpoint import save_train_state as write
+    from detrkit.engine.checkpoint import save_train_state as write
 
-    return write(checkpoint, {"epoch": state.epoch, "best_ap": state.best_ap,
-                              "optimizer": state.optimizer, "scheduler": state.scheduler,
-                              "scaler": state.scaler, "rng": state.rng})
+    return write(
+        checkpoint,
+        {
+            "epoch": state.epoch,
+            "best_ap": state.best_ap,
+            "optimizer": state.optimizer,
+            "scheduler": state.scheduler,
+            "scaler": state.scaler,
+            "rng": state.rng,
+        },
+    )
 
 
 def load_train_state(checkpoint: str | Path) -> TrainState:
     """Read ``<checkpoint>.train.pt`` (``torch.load(weights_only=True)``)."""
-    from detrkit.checkpoint import load_train_state as read
+    from detrkit.engine.checkpoint import load_train_state as read
 
     payload = read(checkpoint)
-    return TrainState(epoch=int(payload["epoch"]), best_ap=float(payload["best_ap"]),
-                      optimizer=payload["optimizer"], scheduler=payload["scheduler"],
-                      scaler=payload.get("scaler"), rng=payload.get("rng", {}))
+    return TrainState(
+        epoch=int(payload["epoch"]),
+        best_ap=float(payload["best_ap"]),
+        optimizer=payload["optimizer"],
+        scheduler=payload["scheduler"],
+        scaler=payload.get("scaler"),
+        rng=payload.get("rng", {}),
+    )
 
 
 def seed_everything(seed: int) -> None:

@@ -1,23 +1,26 @@
-"""Model building blocks and the :class:`Detector` (see :mod:`detrkit.models.detector`)."""
+"""The detector (:class:`DetectionModel`), its parts, and :func:`build_model`."""
 
 from detrkit.models.backbone import FrozenBatchNorm2d, ResNetBackbone
-from detrkit.models.detector import Detector, build_model, build_position_encoding
-from detrkit.models.heads import MLP
-from detrkit.models.interface import DetectionTransformer
-from detrkit.models.neck import ConvProjection, MultiLevelProjection
+from detrkit.models.detector import (
+    DetectionModel,
+    build_model,
+    build_position_encoding,
+    build_transformer,
+)
+from detrkit.models.embeddings import MLP
+from detrkit.models.neck import FeatureProjection
 from detrkit.models.position import LearnedPositionEncoding, SinePositionEncoding
-from detrkit.models.transformer import DETRTransformer
+from detrkit.models.transformer import DetectionTransformer
 
 __all__ = [
-    "Detector",
+    "DetectionModel",
     "build_model",
+    "build_transformer",
     "build_position_encoding",
     "DetectionTransformer",
-    "DETRTransformer",
     "ResNetBackbone",
     "FrozenBatchNorm2d",
-    "ConvProjection",
-    "MultiLevelProjection",
+    "FeatureProjection",
     "SinePositionEncoding",
     "LearnedPositionEncoding",
     "MLP",

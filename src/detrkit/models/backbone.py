@@ -8,7 +8,8 @@ Level ``i`` is the output of ``layer{i}`` (stride ``2**(i+1)``: C2 = 1, C3 = 2, 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,11 +45,20 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,  # type: ignore[override]
-                              missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self,
+        state_dict,
+        prefix,
+        local_metadata,
+        strict,  # type: ignore[override]
+        missing_keys,
+        unexpected_keys,
+        error_msgs,
+    ):
         state_dict.pop(prefix + "num_batches_tracked", None)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
-                                      missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, C, H, W]`` -> ``[B, C, H, W]``."""
@@ -75,16 +85,22 @@ def interpolate_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
 BackboneNorm = Literal["frozen_bn", "bn"]
 
 
-def _torchvision_resnet(name: str, dilation: bool, pretrained: bool,
-                        norm: BackboneNorm) -> nn.Module:
+def _torchvision_resnet(
+    name: str, dilation: bool, pretrained: bool, norm: BackboneNorm
+) -> nn.Module:
     import torchvision
 
     builder = getattr(torchvision.models, name)
     if dilation and name in ("resnet18", "resnet34"):
-        raise ValueError(f"model.backbone.dilation: {name} (BasicBlock) does not support dilation; "
-                         "use resnet50/resnet101 or set dilation=false")
-    net = builder(weights=None, replace_stride_with_dilation=[False, False, dilation],
-                  norm_layer=FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d)
+        raise ValueError(
+            f"model.backbone.dilation: {name} (BasicBlock) does not support dilation; "
+            "use resnet50/resnet101 or set dilation=false"
+        )
+    net = builder(
+        weights=None,
+        replace_stride_with_dilation=[False, False, dilation],
+        norm_layer=FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d,
+    )
     if pretrained:
         weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
         try:
@@ -94,7 +110,8 @@ def _torchvision_resnet(name: str, dilation: bool, pretrained: bool,
                 f"model.backbone.pretrained: could not download the torchvision ImageNet weights "
                 f"of {name} from {weights.url} ({type(err).__name__}: {err}). Work online once, "
                 f"place the file in torch.hub.get_dir()/checkpoints, or set "
-                f"model.backbone.pretrained=false") from None
+                f"model.backbone.pretrained=false"
+            ) from None
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         net.load_state_dict(state, strict=False)
     return net
@@ -131,20 +148,35 @@ class ResNetBackbone(nn.Module):
     ) -> None:
         super().__init__()
         if name not in RESNET_CHANNELS:
-            raise ValueError(f"model.backbone.name: unknown ResNet '{name}'; "
-                             f"choose one of {sorted(RESNET_CHANNELS)}")
+            raise ValueError(
+                f"model.backbone.name: unknown ResNet '{name}'; "
+                f"choose one of {sorted(RESNET_CHANNELS)}"
+            )
         levels = list(return_levels)
         if not levels or levels != sorted(set(levels)) or levels[0] < 1 or levels[-1] > 4:
-            raise ValueError(f"return_levels must be increasing stage indices in 1..4, got {levels}")
+            raise ValueError(
+                f"return_levels must be increasing stage indices in 1..4, got {levels}"
+            )
         if not 0 <= frozen_stages <= 4:
             raise ValueError(f"model.backbone.frozen_stages: must be in 0..4, got {frozen_stages}")
         if norm not in ("frozen_bn", "bn"):
             raise ValueError(f"model.backbone.norm: '{norm}' is not one of frozen_bn, bn")
         net = _torchvision_resnet(name, dilation, pretrained, norm)
-        self.body = nn.Sequential(OrderedDict(
-            (child, getattr(net, child))
-            for child in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
-        ))
+        self.body = nn.Sequential(
+            OrderedDict(
+                (child, getattr(net, child))
+                for child in (
+                    "conv1",
+                    "bn1",
+                    "relu",
+                    "maxpool",
+                    "layer1",
+                    "layer2",
+                    "layer3",
+                    "layer4",
+                )
+            )
+        )
         self.return_levels = levels
         self.num_channels = [RESNET_CHANNELS[name][i - 1] for i in levels]
         stage_strides = [4, 8, 16, 16 if dilation else 32]

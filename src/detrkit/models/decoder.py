@@ -1,86 +1,149 @@
-"""Global-attention transformer decoder (DETR).
+"""The decoder loop, shared by every configuration.
 
-Tensors are batch-first: queries ``[B, Q, d]``, memory ``[B, S, d]``, memory padding mask
-``[B, S]`` (True = padding). Sub-module names follow the official implementation except
-``cross_attn`` (official ``multihead_attn``).
+Before layer ``i`` the positional query is either the fixed one the queries started with
+(``learned``, ``reference_points``, ``two_stage``) or the sine embedding of the current anchor
+through ``ref_point_head`` (``anchors``, ``mixed``); the embedding is taken of the anchor as
+the cross-attention sees it (deformable: scaled to the first level's padded size, as in the
+official code). ``query_scale`` multiplies, from the second layer on, the cross-attention's
+positional query by an MLP of the content (with conditional attention: the sine embedding of
+the reference centre, optionally width/height-modulated by ``ref_anchor_head``).
+
+After layer ``i`` the box update refines the reference with layer ``i``'s box head applied to
+the layer output (before the final norm): ``refine`` / ``look_forward_twice`` feed the next
+layer the detached box; ``look_forward_twice`` also keeps the undetached one as the reference
+of the next layer's predicted box, so a loss on layer ``i + 1`` reaches layer ``i``'s head.
+
+Tensors are batch-first: queries ``[B, N, d]``, memory ``[B, S, d]``; references normalised
+cxcywh ``[B, N, 4]`` or points ``[B, N, 2]`` relative to the valid image.
 """
 
 from __future__ import annotations
 
-import copy
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from detrkit.models.encoder import Activation, build_activation, with_pos
+from detrkit.models.embeddings import MLP, box_sine_embedding, refine_boxes
+from detrkit.models.layers import DecoderLayer, LayerSpec, Levels
 
-__all__ = ["GlobalDecoderLayer", "GlobalDecoder"]
+__all__ = ["DecoderOutput", "Decoder"]
 
 
-class GlobalDecoderLayer(nn.Module):
-    """Self-attention over queries (``query_pos`` added to q, k), cross-attention to the memory
-    (``query_pos`` added to q, ``pos`` to k), FFN; post- or pre-norm.
+@dataclass
+class DecoderOutput:
+    """hidden: ``[L, B, N, d]`` every layer's output (after the final norm, if any).
+    references: ``L + 1`` tensors ``[B, N, 2|4]`` (or ``None`` without a reference):
+    ``references[i]`` is the box layer ``i``'s predicted offsets apply to; the last is the box
+    after the last layer."""
 
-    Args: as :class:`~detrkit.models.encoder.GlobalEncoderLayer`.
+    hidden: Tensor
+    references: list[Tensor | None]
+
+
+class Decoder(nn.Module):
+    """``num_layers`` :class:`DecoderLayer` with positional queries and box updates.
+
+    Args:
+        spec: the layers' settings. num_layers: ``L``.
+        conditional: DAB-DETR's conditional attention (the first layer keeps the query
+            position projection of the cross-attention).
+        anchor_pos: embed the positional query from the current anchor every layer.
+        query_scale / modulate_hw: see the module docstring. final_norm: a LayerNorm on every
+            layer's output. box_update: ``none``, ``refine`` or ``look_forward_twice``.
+        eps: inverse-sigmoid clamp of the box update.
+
+    State dict: ``layers.{i}.*``, ``ref_point_head``, ``query_scale``, ``ref_anchor_head``,
+    ``norm`` (where used).
     """
 
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048,
-                 dropout: float = 0.1, activation: Activation = "relu",
-                 pre_norm: bool = False) -> None:
+    def __init__(
+        self,
+        spec: LayerSpec,
+        num_layers: int,
+        conditional: bool,
+        anchor_pos: bool,
+        query_scale: bool,
+        modulate_hw: bool,
+        final_norm: bool,
+        box_update: str,
+        eps: float,
+    ) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.norm3 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
-        self.activation = build_activation(activation)
-        self.pre_norm = pre_norm
+        d = spec.d_model
+        self.d, self.eps, self.box_update = d, eps, box_update
+        self.conditional = conditional
+        self.deformable = spec.attention == "deformable"
+        self.layers = nn.ModuleList(
+            DecoderLayer(spec, conditional, query_pos_proj=i == 0) for i in range(num_layers)
+        )
+        self.ref_point_head = MLP(2 * d, d, d, 2) if anchor_pos else None
+        self.query_scale = MLP(d, d, d, 2) if query_scale else None
+        self.ref_anchor_head = MLP(d, d, 2, 2) if modulate_hw else None
+        self.norm = nn.LayerNorm(d) if final_norm else None
 
-    def _ffn(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+    def _positions(
+        self, i: int, output: Tensor, pos: Tensor | None, frame: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Positional query ``[B, N, d]`` and conditional sine embedding of layer ``i``;
+        ``frame`` is the reference as the cross-attention sees it."""
+        if self.ref_point_head is not None:
+            pos = self.ref_point_head(box_sine_embedding(frame, self.d // 2))  # [B, N, d]
+        sine = box_sine_embedding(frame[..., :2], self.d // 2) if self.conditional else None
+        if self.query_scale is not None and i > 0:
+            scale = self.query_scale(output)
+            if sine is not None:
+                sine = sine * scale
+            else:
+                pos = pos * scale
+        if self.ref_anchor_head is not None:  # [B, N, 2] predicted (w, h) over the anchor's
+            hw = self.ref_anchor_head(output).sigmoid()
+            half = self.d // 2
+            sine = torch.cat(
+                [
+                    sine[..., :half] * (hw[..., 1] / frame[..., 3])[..., None],
+                    sine[..., half:] * (hw[..., 0] / frame[..., 2])[..., None],
+                ],
+                -1,
+            )
+        return pos, sine
 
-    def forward(self, tgt: Tensor, memory: Tensor, query_pos: Tensor | None, pos: Tensor | None,
-                memory_key_padding_mask: Tensor | None) -> Tensor:
-        """``tgt``, ``query_pos``: ``[B, Q, d]``; ``memory``, ``pos``: ``[B, S, d]``;
-        ``memory_key_padding_mask``: ``[B, S]`` -> ``[B, Q, d]``."""
-        if self.pre_norm:
-            x = self.norm1(tgt)
-            q = k = with_pos(x, query_pos)
-            tgt = tgt + self.dropout1(self.self_attn(q, k, x, need_weights=False)[0])
-            x = self.norm2(tgt)
-            attn = self.cross_attn(with_pos(x, query_pos), with_pos(memory, pos), memory,
-                                   key_padding_mask=memory_key_padding_mask, need_weights=False)[0]
-            tgt = tgt + self.dropout2(attn)
-            return tgt + self.dropout3(self._ffn(self.norm3(tgt)))
-        q = k = with_pos(tgt, query_pos)
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt, need_weights=False)[0]))
-        attn = self.cross_attn(with_pos(tgt, query_pos), with_pos(memory, pos), memory,
-                               key_padding_mask=memory_key_padding_mask, need_weights=False)[0]
-        tgt = self.norm2(tgt + self.dropout2(attn))
-        return self.norm3(tgt + self.dropout3(self._ffn(tgt)))
+    def forward(
+        self,
+        content: Tensor,
+        pos: Tensor | None,
+        reference: Tensor | None,
+        memory: Tensor,
+        levels: Levels,
+        box_heads: list[nn.Module] | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> DecoderOutput:
+        """Decode the queries.
 
-
-class GlobalDecoder(nn.Module):
-    """A stack of ``num_layers`` copies of ``layer`` and a final LayerNorm ``norm`` (always
-    present, applied to every layer's output)."""
-
-    def __init__(self, layer: GlobalDecoderLayer, num_layers: int, d_model: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
-        self.norm = nn.LayerNorm(d_model)
-
-    def forward(self, tgt: Tensor, memory: Tensor, query_pos: Tensor | None, pos: Tensor | None,
-                memory_key_padding_mask: Tensor | None) -> Tensor:
-        """Shapes as :meth:`GlobalDecoderLayer.forward`. Returns ``[L, B, Q, d]``: the normed
-        output of every layer, first layer first."""
-        outputs = []
-        for layer in self.layers:
-            tgt = layer(tgt, memory, query_pos, pos, memory_key_padding_mask)
-            outputs.append(self.norm(tgt))
-        return torch.stack(outputs)
+        Args:
+            content: ``[B, N, d]`` content queries. pos: ``[B, N, d]`` fixed positional
+                queries, or ``None`` with ``anchor_pos``.
+            reference: ``[B, N, 2|4]`` normalised references (``None``: no reference).
+            memory: ``[B, S, d]``; levels: its :class:`Levels`.
+            box_heads: one box head per layer (``[B, N, d] -> [B, N, 4]``), used when
+                ``box_update`` is not ``none``.
+            attn_mask: ``[N, N]`` bool, ``True`` = blocked, for the self-attention.
+        """
+        output, hidden, references = content, [], [reference]
+        ratios = levels.valid_ratios  # [B, L, 2]
+        for i, layer in enumerate(self.layers):
+            scaled = None
+            if self.deformable:  # [B, N, L, 2|4] relative to each level's padded size
+                r = ratios if reference.shape[-1] == 2 else torch.cat([ratios, ratios], -1)
+                scaled = reference[:, :, None] * r[:, None]
+            frame = scaled[:, :, 0] if scaled is not None else reference
+            query_pos, sine = self._positions(i, output, pos, frame)
+            output = layer(output, query_pos, memory, levels, scaled, sine, attn_mask)
+            hidden.append(self.norm(output) if self.norm is not None else output)
+            if self.box_update != "none" and box_heads is not None:
+                refined = refine_boxes(box_heads[i](output), reference, self.eps)
+                reference = refined.detach()
+                references.append(refined if self.box_update == "look_forward_twice" else reference)
+            else:
+                references.append(reference)
+        return DecoderOutput(torch.stack(hidden), references)

@@ -30,11 +30,10 @@ import torch
 from torch import Tensor
 
 from detrkit.boxes import inverse_sigmoid
+from detrkit.structures import DenoisingMeta
 
 __all__ = [
     "DenoisingKind",
-    "DenoisingSettings",
-    "DenoisingMeta",
     "DenoisingGroups",
     "DenoisingQueries",
     "cdn_num_groups",
@@ -54,50 +53,6 @@ DenoisingKind = Literal["dn", "cdn"]
 class _HasBoxes(Protocol):
     labels: Tensor
     boxes: Tensor
-
-
-@dataclass(frozen=True)
-class DenoisingSettings:
-    """How a model draws its denoising queries in training (see :func:`prepare_denoising`).
-
-    dn_number: groups (dn) or query budget (cdn). label_noise_ratio: label flip probability
-    (dn) or twice it (cdn). box_noise_scale: box jitter relative to the box size.
-    """
-
-    dn_number: int = 5
-    label_noise_ratio: float = 0.2
-    box_noise_scale: float = 0.4
-
-
-@dataclass
-class DenoisingMeta:
-    """Where every denoising query came from; what the denoising loss needs.
-
-    Entries are the *positive* noised copies, ``N = G * sum_b T_b``, ordered group by group,
-    then image by image, then target by target (the official order).
-
-    kind: ``dn`` or ``cdn``. pad_size: ``P``. num_groups: ``G``.
-    group_size: slots per group, ``m`` (dn) or ``2m`` (cdn); 0 when the batch has no targets.
-    batch_index / slot_index: ``[N]`` int64, image and slot of each entry.
-    target_index: ``[N]`` int64, index of the entry's target within its image.
-    labels / boxes: ``[N]`` int64 / ``[N, 4]`` the clean labels and normalised cxcywh boxes.
-    num_targets: ``T_b`` per image.
-    """
-
-    kind: DenoisingKind
-    pad_size: int
-    num_groups: int
-    group_size: int
-    batch_index: Tensor
-    slot_index: Tensor
-    target_index: Tensor
-    labels: Tensor
-    boxes: Tensor
-    num_targets: list[int]
-
-    @property
-    def num_entries(self) -> int:
-        return int(self.labels.shape[0])
 
 
 @dataclass
@@ -156,8 +111,9 @@ def _rand(shape: Sequence[int], like: Tensor, generator: torch.Generator | None)
     return torch.rand(tuple(shape), dtype=like.dtype, device=like.device, generator=generator)
 
 
-def noise_labels(labels: Tensor, flip_prob: float, num_classes: int,
-                 generator: torch.Generator | None = None) -> Tensor:
+def noise_labels(
+    labels: Tensor, flip_prob: float, num_classes: int, generator: torch.Generator | None = None
+) -> Tensor:
     """Replace each label with probability ``flip_prob`` by a uniformly drawn class.
 
     labels: ``[M]`` int64. Returns a new ``[M]`` int64 tensor. Draws, in order, ``M`` uniforms
@@ -168,13 +124,13 @@ def noise_labels(labels: Tensor, flip_prob: float, num_classes: int,
         return out
     p = _rand(labels.shape, labels.float(), generator)  # [M]
     chosen = torch.nonzero(p < flip_prob).view(-1)  # [K]
-    new = torch.randint(0, num_classes, chosen.shape, dtype=chosen.dtype, device=chosen.device,
-                        generator=generator)
+    new = torch.randint(
+        0, num_classes, chosen.shape, dtype=chosen.dtype, device=chosen.device, generator=generator
+    )
     return out.scatter_(0, chosen, new)
 
 
-def noise_boxes_dn(boxes: Tensor, scale: float,
-                   generator: torch.Generator | None = None) -> Tensor:
+def noise_boxes_dn(boxes: Tensor, scale: float, generator: torch.Generator | None = None) -> Tensor:
     """DN-DETR box noise: move the centre by up to ``scale * (w, h) / 2`` and change the size
     by up to ``scale * (w, h)``, uniformly; clamp to ``[0, 1]``.
 
@@ -187,8 +143,9 @@ def noise_boxes_dn(boxes: Tensor, scale: float,
     return (boxes + noise * diff * scale).clamp(min=0.0, max=1.0)
 
 
-def noise_boxes_cdn(boxes: Tensor, scale: float, negative: Tensor,
-                    generator: torch.Generator | None = None) -> Tensor:
+def noise_boxes_cdn(
+    boxes: Tensor, scale: float, negative: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
     """DINO box noise on the corners: each corner moves by ``s * u * scale * (w, h) / 2`` with a
     random sign ``s`` and ``u ~ U[0, 1)`` for positives, ``U[1, 2)`` for negatives; corners are
     clamped to ``[0, 1]``.
@@ -199,12 +156,41 @@ def noise_boxes_cdn(boxes: Tensor, scale: float, negative: Tensor,
         return boxes.clone()
     xyxy = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], dim=1)
     diff = torch.cat([boxes[:, 2:] / 2, boxes[:, 2:] / 2], dim=1)  # [M, 4]
-    sign = torch.randint(0, 2, tuple(boxes.shape), dtype=boxes.dtype, device=boxes.device,
-                         generator=generator) * 2.0 - 1.0
+    sign = (
+        torch.randint(
+            0, 2, tuple(boxes.shape), dtype=boxes.dtype, device=boxes.device, generator=generator
+        )
+        * 2.0
+        - 1.0
+    )
     part = _rand(boxes.shape, boxes, generator)
     part = part + negative[:, None].to(part.dtype)
     xyxy = (xyxy + part * sign * diff * scale).clamp(min=0.0, max=1.0)
     return torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], dim=1)
+
+
+def _batch_targets(targets: Sequence[_HasBoxes], num_classes: int) -> tuple[Tensor, ...]:
+    """All targets of a batch: labels ``[T]``, boxes ``[T, 4]``, the counts ``T_b``, and per
+    target its image ``[T]`` and index within the image ``[T]``."""
+    labels_b = [t.labels.reshape(-1).long() for t in targets]
+    boxes_b = [t.boxes.reshape(-1, 4) for t in targets]
+    device = boxes_b[0].device if boxes_b else torch.device("cpu")
+    counts = [int(lab.shape[0]) for lab in labels_b]
+    labels = torch.cat(labels_b).to(device) if labels_b else torch.zeros(0, dtype=torch.long)
+    boxes = torch.cat(boxes_b).to(device).float() if boxes_b else torch.zeros(0, 4)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"denoising: target labels must lie in [0, {num_classes}), got "
+            f"{sorted(set(labels.tolist()))}; check model.num_classes"
+        )
+    image = torch.cat(
+        [torch.full((c,), b, dtype=torch.long) for b, c in enumerate(counts)]
+        or [torch.zeros(0, dtype=torch.long)]
+    ).to(device)
+    within = torch.cat([torch.arange(c) for c in counts] or [torch.zeros(0, dtype=torch.long)]).to(
+        device
+    )
+    return labels, boxes, counts, image, within
 
 
 def build_denoising_groups(
@@ -235,27 +221,13 @@ def build_denoising_groups(
         raise ValueError(f"denoising kind must be 'dn' or 'cdn', got {kind!r}")
     if dn_number < 1:
         raise ValueError(f"model.denoising.dn_number: must be >= 1, got {dn_number}")
-    labels_b = [t.labels.reshape(-1).long() for t in targets]
-    boxes_b = [t.boxes.reshape(-1, 4) for t in targets]
-    device = boxes_b[0].device if boxes_b else torch.device("cpu")
-    counts = [int(lab.shape[0]) for lab in labels_b]
-    labels = torch.cat(labels_b).to(device) if labels_b else torch.zeros(0, dtype=torch.long)
-    boxes = torch.cat(boxes_b).to(device).float() if boxes_b else torch.zeros(0, 4)
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"denoising: target labels must lie in [0, {num_classes}), got "
-                         f"{sorted(set(labels.tolist()))}; check model.num_classes")
+    labels, boxes, counts, image, within = _batch_targets(targets, num_classes)
     max_t = max(counts, default=0)
     copies_per_group = 1 if kind == "dn" else 2
     groups = dn_number if kind == "dn" else cdn_num_groups(dn_number, max_t)
-    total = labels.shape[0]  # T
     reps = groups * copies_per_group
-
-    image = torch.cat([torch.full((c,), b, dtype=torch.long) for b, c in enumerate(counts)]
-                      ).to(device) if counts else torch.zeros(0, dtype=torch.long)  # [T]
-    within = torch.cat([torch.arange(c) for c in counts]).to(device) if counts else image  # [T]
-    copy = torch.arange(reps, device=device).repeat_interleave(total)  # [M] copy index
-    batch_index = image.repeat(reps)  # [M]
-    target_index = within.repeat(reps)  # [M]
+    copy = torch.arange(reps, device=labels.device).repeat_interleave(labels.shape[0])  # [M]
+    batch_index, target_index = image.repeat(reps), within.repeat(reps)  # [M]
     slot_index = copy * max_t + target_index  # [M]
     clean_labels, clean_boxes = labels.repeat(reps), boxes.repeat(reps, 1)
 
@@ -269,15 +241,23 @@ def build_denoising_groups(
 
     pos = ~negative
     meta = DenoisingMeta(
-        kind=kind, pad_size=max_t * reps, num_groups=groups, group_size=max_t * copies_per_group,
-        batch_index=batch_index[pos], slot_index=slot_index[pos],
-        target_index=target_index[pos], labels=clean_labels[pos], boxes=clean_boxes[pos],
-        num_targets=counts)
+        kind=kind,
+        pad_size=max_t * reps,
+        num_groups=groups,
+        group_size=max_t * copies_per_group,
+        batch_index=batch_index[pos],
+        slot_index=slot_index[pos],
+        target_index=target_index[pos],
+        labels=clean_labels[pos],
+        boxes=clean_boxes[pos],
+        num_targets=counts,
+    )
     return DenoisingGroups(noised_labels, noised_boxes, batch_index, slot_index, meta)
 
 
-def denoising_attention_mask(pad_size: int, group_size: int, num_queries: int,
-                             device: torch.device | str | None = None) -> Tensor:
+def denoising_attention_mask(
+    pad_size: int, group_size: int, num_queries: int, device: torch.device | str | None = None
+) -> Tensor:
     """Self-attention mask of ``pad_size`` denoising slots (groups of ``group_size``) followed
     by ``num_queries`` matching queries: ``[P + Q, P + Q]`` bool, ``True`` = blocked."""
     size = pad_size + num_queries
@@ -290,9 +270,13 @@ def denoising_attention_mask(pad_size: int, group_size: int, num_queries: int,
     return mask
 
 
-def embed_denoising_queries(groups: DenoisingGroups, label_embedding: torch.nn.Embedding,
-                            batch_size: int, indicator: bool,
-                            eps: float = 1e-3) -> tuple[Tensor, Tensor]:
+def embed_denoising_queries(
+    groups: DenoisingGroups,
+    label_embedding: torch.nn.Embedding,
+    batch_size: int,
+    indicator: bool,
+    eps: float = 1e-3,
+) -> tuple[Tensor, Tensor]:
     """Content and box queries of the denoising slots.
 
     Args:
@@ -317,8 +301,7 @@ def embed_denoising_queries(groups: DenoisingGroups, label_embedding: torch.nn.E
             embed = torch.cat([embed, embed.new_ones(embed.shape[0], 1)], dim=1)
         b, s = groups.batch_index.to(weight.device), groups.slot_index.to(weight.device)
         content = content.index_put((b, s), embed)
-        boxes_unact = boxes_unact.index_put(
-            (b, s), inverse_sigmoid(groups.boxes.to(weight), eps))
+        boxes_unact = boxes_unact.index_put((b, s), inverse_sigmoid(groups.boxes.to(weight), eps))
     return content, boxes_unact
 
 
@@ -333,17 +316,23 @@ def prepare_denoising(
     num_classes: int,
     indicator: bool,
     generator: torch.Generator | None = None,
+    eps: float = 1e-3,
 ) -> DenoisingQueries:
     """Everything a decoder needs for one training step: :func:`build_denoising_groups`,
     :func:`embed_denoising_queries` and :func:`denoising_attention_mask` for ``num_queries``
     matching queries. A batch without any target gives ``P = 0`` (no denoising queries)."""
-    groups = build_denoising_groups(targets, kind, dn_number, label_noise_ratio,
-                                    box_noise_scale, num_classes, generator)
-    content, boxes_unact = embed_denoising_queries(groups, label_embedding, len(targets),
-                                                   indicator)
+    groups = build_denoising_groups(
+        targets, kind, dn_number, label_noise_ratio, box_noise_scale, num_classes, generator
+    )
+    content, boxes_unact = embed_denoising_queries(
+        groups, label_embedding, len(targets), indicator, eps
+    )
     meta = groups.meta
-    mask = denoising_attention_mask(meta.pad_size, meta.group_size, num_queries,
-                                    content.device) if meta.pad_size else None
+    mask = (
+        denoising_attention_mask(meta.pad_size, meta.group_size, num_queries, content.device)
+        if meta.pad_size
+        else None
+    )
     return DenoisingQueries(content, boxes_unact, mask, meta)
 
 

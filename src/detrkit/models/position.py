@@ -73,8 +73,10 @@ class SinePositionEncoding(nn.Module):
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)  # [B, 2F, h, w]
 
     def extra_repr(self) -> str:
-        return (f"num_pos_feats={self.num_pos_feats}, temperature=({self.temperature_h}, "
-                f"{self.temperature_w}), normalize={self.normalize}, offset={self.offset}")
+        return (
+            f"num_pos_feats={self.num_pos_feats}, temperature=({self.temperature_h}, "
+            f"{self.temperature_w}), normalize={self.normalize}, offset={self.offset}"
+        )
 
 
 class LearnedPositionEncoding(nn.Module):
@@ -97,9 +99,11 @@ class LearnedPositionEncoding(nn.Module):
         """``mask`` ``[B, h, w]`` bool -> ``[B, 2F, h, w]`` (dtype of the embeddings)."""
         b, h, w = mask.shape
         if h > self.max_size or w > self.max_size:
-            raise ValueError(f"learned position encoding supports feature maps up to "
-                             f"{self.max_size}x{self.max_size}, got {h}x{w}; use the sine encoding "
-                             "or smaller images")
+            raise ValueError(
+                f"learned position encoding supports feature maps up to "
+                f"{self.max_size}x{self.max_size}, got {h}x{w}; use the sine encoding "
+                "or smaller images"
+            )
         x_emb = self.col_embed(torch.arange(w, device=mask.device))  # [w, F]
         y_emb = self.row_embed(torch.arange(h, device=mask.device))  # [h, F]
         pos = torch.cat([x_emb[None].expand(h, w, -1), y_emb[:, None].expand(h, w, -1)], dim=-1)

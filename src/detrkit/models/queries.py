@@ -1,215 +1,236 @@
-"""Query initialisation from encoder proposals: every encoder token proposes a box and the
-top-scoring proposals start the decoder.
+"""Where decoder queries start: content, positional part and reference box of every query.
 
-* :class:`TwoStageQueries` (two-stage Deformable DETR): ranked by the first class logit; the
-  selected boxes give, through a sine embedding, both positional and content queries.
-* :class:`QuerySelection` (DINO's mixed query selection): ranked by the best class logit; the
-  selected boxes are the decoder's initial anchors, the content queries are learned (or the
-  selected features, detached).
+``kind`` (see :class:`~detrkit.config.QueryConfig`) gives the positional part and reference:
+``learned`` (a positional embedding, no reference), ``reference_points`` (the embedding and a
+2-D point predicted from it), ``anchors`` (learned 4-D boxes), ``two_stage`` / ``mixed`` (the
+top encoder proposals, ranked by objectness (class 0) / by their best class). ``content``
+gives the content part: ``zero``, ``learned``, ``label`` (the denoising label embedding's
+"unknown" row), ``encoder`` (the selected features, detached) or ``proposal`` (a projection of
+the selected boxes' sine embedding).
 
-Shapes: ``B`` images, ``S`` encoder tokens (all levels flattened row-major), ``Q`` queries,
-``d`` width. Boxes are normalised cxcywh relative to the valid (unpadded) image; "unact"
-tensors hold them before the sigmoid (inverse-sigmoid space). Padding masks: True = padding.
+Shapes: ``B`` images, ``S`` encoder tokens, ``Q`` queries (``Q' = Q * max(K, 1)`` with ``K``
+patterns), ``d`` width. Boxes are normalised cxcywh relative to the valid image; "unact"
+tensors are before the sigmoid. Padding masks: True = padding.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["encoder_proposals", "proposal_sine_embedding", "gather_tokens", "TwoStageQueries",
-           "QuerySelection"]
+from detrkit.boxes import inverse_sigmoid
+from detrkit.models.embeddings import XYWH, box_sine_embedding, gather_tokens
+from detrkit.models.heads import Heads
+from detrkit.models.layers import Levels
+from detrkit.structures import ProposalOutput
+
+__all__ = ["Queries", "encoder_proposals", "QueryInitialiser"]
 
 
-def encoder_proposals(padding_mask: Tensor, spatial_shapes: Sequence[tuple[int, int]],
-                      base_size: float = 0.05) -> tuple[Tensor, Tensor]:
-    """One anchor box per encoder token, in inverse-sigmoid space.
+@dataclass
+class Queries:
+    """content: ``[B, Q', d]`` (the indicator channel included). pos: ``[B, Q', d]`` fixed
+    positional queries, or ``None`` when every layer embeds them from the current anchor.
+    reference: ``[B, Q', 2|4]`` normalised, or ``None``. enc: the encoder proposals (two-stage:
+    every token; mixed: the selected ones). selected: ``[B, Q, d]`` the selected proposals'
+    features (not detached)."""
 
-    The anchor of pixel ``(i, j)`` of level ``l`` is centred on the pixel,
-    ``((j + 0.5) / valid_w_l, (i + 0.5) / valid_h_l)``, with width and height
-    ``base_size * 2**l``. Tokens on padding and anchors not strictly inside ``(0.01, 0.99)``
-    in every coordinate are *invalid*: their proposal is ``+inf``.
+    content: Tensor
+    pos: Tensor | None
+    reference: Tensor | None
+    enc: ProposalOutput | None = None
+    selected: Tensor | None = None
 
-    Args:
-        padding_mask: ``[B, S]`` bool, True = padding token.
-        spatial_shapes: ``(h_l, w_l)`` of each level.
-        base_size: anchor size of the finest level.
+
+def encoder_proposals(
+    padding_mask: Tensor, spatial_shapes: Sequence[tuple[int, int]], base_size: float = 0.05
+) -> tuple[Tensor, Tensor]:
+    """One anchor box per encoder token: centred on its pixel relative to the valid part of its
+    level, ``base_size * 2**l`` wide and high on level ``l``. Tokens on padding and anchors not
+    strictly inside ``(0.01, 0.99)`` in every coordinate are invalid.
 
     Returns:
-        proposals: ``[B, S, 4]`` float32 ``inverse_sigmoid`` of the anchors (cxcywh),
-        ``+inf`` on invalid tokens.
-        invalid: ``[B, S]`` bool, True for padding or out-of-range anchors.
+        proposals ``[B, S, 4]`` float32 ``inverse_sigmoid`` of the anchors, ``+inf`` on
+        invalid tokens; invalid ``[B, S]`` bool.
     """
-    batch = padding_mask.shape[0]
-    device = padding_mask.device
-    anchors = []
-    start = 0
+    batch, device = padding_mask.shape[0], padding_mask.device
+    anchors, start = [], 0
     for lvl, (h, w) in enumerate(spatial_shapes):
-        mask = padding_mask[:, start:start + h * w].view(batch, h, w)
-        valid_h = (~mask[:, :, 0]).sum(1)  # [B]
-        valid_w = (~mask[:, 0, :]).sum(1)  # [B]
-        ys = torch.arange(h, dtype=torch.float32, device=device)
-        xs = torch.arange(w, dtype=torch.float32, device=device)
-        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # [h, w]
+        mask = padding_mask[:, start : start + h * w].view(batch, h, w)
+        valid = torch.stack([(~mask[:, 0, :]).sum(1), (~mask[:, :, 0]).sum(1)], -1)  # [B, 2]
+        grid_y, grid_x = torch.meshgrid(
+            torch.arange(h, dtype=torch.float32, device=device),
+            torch.arange(w, dtype=torch.float32, device=device),
+            indexing="ij",
+        )  # [h, w]
         grid = torch.stack([grid_x, grid_y], -1)  # [h, w, 2]
-        scale = torch.stack([valid_w, valid_h], -1).view(batch, 1, 1, 2)  # [B, 1, 1, 2]
-        centre = (grid[None].expand(batch, -1, -1, -1) + 0.5) / scale  # [B, h, w, 2]
-        size = torch.full_like(centre, base_size * (2.0 ** lvl))
+        centre = (grid[None].expand(batch, -1, -1, -1) + 0.5) / valid.view(batch, 1, 1, 2)
+        size = torch.full_like(centre, base_size * (2.0**lvl))
         anchors.append(torch.cat([centre, size], -1).view(batch, -1, 4))
         start += h * w
     boxes = torch.cat(anchors, 1)  # [B, S, 4]
-    in_range = ((boxes > 0.01) & (boxes < 0.99)).all(-1)  # [B, S]
-    invalid = padding_mask | ~in_range
+    invalid = padding_mask | ~((boxes > 0.01) & (boxes < 0.99)).all(-1)  # [B, S]
     proposals = torch.log(boxes / (1 - boxes)).masked_fill(invalid[..., None], float("inf"))
     return proposals, invalid
 
 
-def proposal_sine_embedding(boxes_unact: Tensor, num_pos_feats: int = 128,
-                            temperature: float = 10000.0, scale: float = 2 * math.pi) -> Tensor:
-    """Sine embedding of boxes: each of ``cx, cy, w, h`` (after the sigmoid, times ``scale``)
-    divided by ``num_pos_feats`` frequencies, ``sin`` / ``cos`` interleaved.
+class QueryInitialiser(nn.Module):
+    """The learned query parameters and the encoder-proposal branch.
 
     Args:
-        boxes_unact: ``[B, Q, 4]`` boxes in inverse-sigmoid space (``+inf`` is allowed).
-        num_pos_feats: frequencies per coordinate (``d / 2``; Deformable DETR: 128 for d=256).
-        temperature: frequency base. scale: range of the sigmoid coordinates.
+        kind: ``learned``, ``reference_points``, ``anchors``, ``two_stage`` or ``mixed``.
+        content: ``zero``, ``learned``, ``label``, ``encoder`` or ``proposal``.
+        hidden_dim: ``d``. num_queries: ``Q``. num_patterns: ``K`` (anchors).
+        indicator: the last content channel is the denoising indicator (0 here); learned
+            content is then ``d - 1`` wide.
+        random_refpoints_xy: anchors: centres drawn uniformly and kept fixed.
+        select_valid_proposals: never pick invalid tokens while enough valid ones exist.
+        eps: inverse-sigmoid clamp (random anchor centres).
 
-    Returns:
-        ``[B, Q, 4 * num_pos_feats]``: coordinate-major, ``(sin f0, cos f0, sin f1, ...)``
-        within each coordinate (frequency ``k`` is ``temperature ** (2 * (k // 2) / F)``).
+    State dict: ``query_pos`` ``[Q, d]``, ``reference_points`` ``Linear(d, 2)``, ``anchors``
+    ``[Q, 4]`` (unact), ``content`` ``[Q, d_c]``, ``patterns`` ``[K, d]``, ``enc_output``
+    ``Linear(d, d)`` + ``enc_output_norm``, ``pos_trans`` ``Linear(2d, d | 2d)`` +
+    ``pos_trans_norm``; each only where ``kind`` / ``content`` use it.
     """
-    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=boxes_unact.device)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
-    pos = boxes_unact.sigmoid() * scale  # [B, Q, 4]
-    pos = pos[..., None] / dim_t  # [B, Q, 4, F]
-    pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4)  # [B, Q, 4, F/2, 2]
-    return pos.flatten(2)
 
-
-def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """``x`` ``[B, S, k]`` at ``index`` ``[B, Q]`` (int64 token indices) -> ``[B, Q, k]``."""
-    return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
-
-
-class _ProposalFeatures(nn.Module):
-    """``enc_output`` ``Linear(d, d)`` + ``enc_output_norm`` ``LayerNorm(d)`` on the encoder
-    memory, and one anchor per token (:func:`encoder_proposals`)."""
-
-    def __init__(self, d_model: int, num_queries: int, base_size: float,
-                 select_valid_only: bool) -> None:
+    def __init__(
+        self,
+        kind: str,
+        content: str,
+        hidden_dim: int,
+        num_queries: int,
+        num_patterns: int = 0,
+        indicator: bool = False,
+        random_refpoints_xy: bool = False,
+        select_valid_proposals: bool = True,
+        eps: float = 1e-3,
+    ) -> None:
         super().__init__()
-        self.d_model = d_model
-        self.num_queries = num_queries
-        self.base_size = base_size
-        self.select_valid_only = select_valid_only
-        self.enc_output = nn.Linear(d_model, d_model)
-        self.enc_output_norm = nn.LayerNorm(d_model)
+        d = hidden_dim
+        self.kind, self.content_kind, self.d = kind, content, d
+        self.num_queries, self.num_patterns = num_queries, num_patterns
+        self.indicator, self.random_refpoints_xy = indicator, random_refpoints_xy
+        self.select_valid = select_valid_proposals
+        fixed_pos = kind in ("learned", "reference_points")
+        self.query_pos = nn.Embedding(num_queries, d) if fixed_pos else None
+        self.reference_points = nn.Linear(d, 2) if kind == "reference_points" else None
+        self.anchors = nn.Embedding(num_queries, 4) if kind == "anchors" else None
+        if self.anchors is not None and random_refpoints_xy:
+            with torch.no_grad():
+                xy = self.anchors.weight[:, :2]
+                xy.copy_(inverse_sigmoid(torch.rand_like(xy), eps))
+        self.content = (
+            nn.Embedding(num_queries, d - int(indicator)) if content == "learned" else None
+        )
+        self.patterns = nn.Embedding(num_patterns, d) if num_patterns > 0 else None
+        self.enc_output = self.enc_output_norm = self.pos_trans = self.pos_trans_norm = None
+        if kind in ("two_stage", "mixed"):
+            self.enc_output, self.enc_output_norm = nn.Linear(d, d), nn.LayerNorm(d)
+            width = d * ((kind == "two_stage") + (content == "proposal"))
+            if width:
+                self.pos_trans, self.pos_trans_norm = nn.Linear(2 * d, width), nn.LayerNorm(width)
 
-    def proposals(self, memory: Tensor, padding_mask: Tensor,
-                  spatial_shapes: Sequence[tuple[int, int]]) -> tuple[Tensor, Tensor, Tensor]:
-        """Features and anchors of every encoder token.
+    @property
+    def num_matching(self) -> int:
+        """Decoder queries besides denoising ones: ``Q' = Q * max(K, 1)``."""
+        return self.num_queries * max(self.num_patterns, 1)
 
-        Args:
-            memory: ``[B, S, d]`` encoder output. padding_mask: ``[B, S]`` True = padding.
-            spatial_shapes: ``(h_l, w_l)`` per level.
-
-        Returns:
-            features: ``[B, S, d]`` ``enc_output_norm(enc_output(memory))`` with the memory of
-            invalid tokens zeroed first. proposals: ``[B, S, 4]`` anchors in inverse-sigmoid
-            space (``+inf`` on invalid tokens). invalid: ``[B, S]`` bool.
-        """
-        proposals, invalid = encoder_proposals(padding_mask, spatial_shapes, self.base_size)
-        memory = memory.masked_fill(invalid[..., None], 0.0)
-        return self.enc_output_norm(self.enc_output(memory)), proposals, invalid
-
-    def _top(self, scores: Tensor, invalid: Tensor) -> Tensor:
-        """Indices ``[B, Q]`` of the ``Q`` best ``scores`` ``[B, S]``, best first."""
-        if scores.shape[1] < self.num_queries:
-            raise ValueError(f"query selection needs at least num_queries={self.num_queries} "
-                             f"encoder tokens, got {scores.shape[1]}; use larger images or "
-                             "lower model.queries.num_queries")
-        if self.select_valid_only:
-            scores = scores.masked_fill(invalid, float("-inf"))
-        return torch.topk(scores, self.num_queries, dim=1)[1]
-
-
-class TwoStageQueries(_ProposalFeatures):
-    """The proposal branch of two-stage Deformable DETR (without its class / box heads, which
-    the transformer part owns and passes in).
-
-    State dict: ``enc_output`` ``Linear(d, d)``, ``enc_output_norm`` ``LayerNorm(d)``,
-    ``pos_trans`` ``Linear(2d, 2d)``, ``pos_trans_norm`` ``LayerNorm(2d)`` (official names
-    under ``transformer.``).
-
-    Args:
-        d_model: width ``d`` (a multiple of 4: ``d / 2`` sine frequencies per box coordinate).
-        num_queries: proposals kept, ``Q``.
-        base_size: anchor size of the finest level (:func:`encoder_proposals`).
-        select_valid_only: rank padding / invalid tokens last, so that they are never chosen
-            while enough valid tokens exist. ``False`` reproduces the official code, which
-            ranks every token by its score.
-    """
-
-    def __init__(self, d_model: int = 256, num_queries: int = 300, base_size: float = 0.05,
-                 select_valid_only: bool = True) -> None:
-        if d_model % 4 != 0:
-            raise ValueError(f"model.transformer.hidden_dim: two-stage queries need a multiple "
-                             f"of 4, got {d_model}")
-        super().__init__(d_model, num_queries, base_size, select_valid_only)
-        self.pos_trans = nn.Linear(2 * d_model, 2 * d_model)
-        self.pos_trans_norm = nn.LayerNorm(2 * d_model)
-
-    def select(self, logits: Tensor, boxes_unact: Tensor, invalid: Tensor) -> Tensor:
-        """The ``Q`` best proposals by their first class logit, best first.
+    def forward(
+        self, memory: Tensor, levels: Levels, heads: Heads, label_content: Tensor | None = None
+    ) -> Queries:
+        """The matching queries of a batch.
 
         Args:
-            logits: ``[B, S, C]`` encoder-token class logits. boxes_unact: ``[B, S, 4]``
-                proposal boxes in inverse-sigmoid space. invalid: ``[B, S]`` bool.
-
-        Returns:
-            ``[B, Q, 4]`` the selected boxes in inverse-sigmoid space, detached.
+            memory: ``[B, S, d]`` encoder output; levels: its :class:`Levels`.
+            heads: the prediction heads (their encoder heads score the proposals).
+            label_content: ``[d_c]`` the "unknown" label embedding (content ``label``).
         """
-        index = self._top(logits[..., 0], invalid)  # [B, Q]
-        return gather_tokens(boxes_unact, index).detach()
+        batch = memory.shape[0]
+        enc = selected = reference = pos = proposal_content = None
+        if self.kind in ("two_stage", "mixed"):
+            reference, enc, selected = self._select(memory, levels, heads)
+            if self.pos_trans is not None:
+                embed = box_sine_embedding(reference, self.d // 2, XYWH)  # [B, Q, 2d]
+                out = self.pos_trans_norm(self.pos_trans(embed.to(self.pos_trans.weight.dtype)))
+                if self.kind == "two_stage":
+                    pos = out[..., : self.d]
+                proposal_content = out[..., -self.d :]
+        else:
+            pos, reference = self._learned(batch)
+        if self.content_kind == "proposal":
+            content = proposal_content
+        elif self.content_kind == "encoder":
+            content = selected.detach()
+        else:
+            content = self._content(batch, memory, label_content)
+        if self.patterns is not None:  # pattern-major: query k*Q + j = pattern k, anchor j
+            content = (
+                content.repeat(1, self.num_patterns, 1)
+                + self.patterns.weight.repeat_interleave(self.num_queries, 0)[None]
+            )
+        return Queries(content, pos, reference, enc, selected)
 
-    def queries(self, boxes_unact: Tensor) -> tuple[Tensor, Tensor]:
-        """Positional and content queries from the selected boxes.
+    def _learned(self, batch: int) -> tuple[Tensor | None, Tensor | None]:
+        """``kind`` learned / reference_points / anchors: positional queries and references."""
+        if self.anchors is not None:
+            anchors = self.anchors.weight  # [Q, 4] unact
+            if self.random_refpoints_xy:  # the random centres stay fixed
+                anchors = torch.cat([anchors[:, :2].detach(), anchors[:, 2:]], dim=1)
+            reference = anchors.sigmoid().repeat(max(self.num_patterns, 1), 1)  # [Q', 4]
+            return None, reference[None].expand(batch, -1, -1)
+        pos = self.query_pos.weight[None].expand(batch, -1, -1)  # [B, Q, d]
+        reference = (
+            None if self.reference_points is None else self.reference_points(pos).sigmoid()
+        )  # [B, Q, 2]
+        return pos, reference
 
-        Args:
-            boxes_unact: ``[B, Q, 4]`` selected boxes in inverse-sigmoid space.
+    def _content(self, batch: int, like: Tensor, label_content: Tensor | None) -> Tensor:
+        """Content ``zero`` / ``learned`` / ``label`` ``[B, Q, d]`` (indicator 0 appended)."""
+        width = self.d - int(self.indicator)
+        if self.content is not None:
+            content = self.content.weight  # [Q, d_c]
+        elif self.content_kind == "label":
+            if label_content is None:
+                raise ValueError("content 'label' needs the denoising label embedding")
+            content = label_content[None].expand(self.num_queries, -1)
+        else:
+            content = like.new_zeros(self.num_queries, width)
+        if self.indicator:
+            content = torch.cat([content, content.new_zeros(self.num_queries, 1)], -1)
+        return content[None].expand(batch, -1, -1)
 
-        Returns:
-            query_pos, tgt: ``[B, Q, d]`` each (the two halves of
-            ``pos_trans_norm(pos_trans(proposal_sine_embedding(boxes)))``).
-        """
-        embed = proposal_sine_embedding(boxes_unact, self.d_model // 2)  # [B, Q, 2d]
-        out = self.pos_trans_norm(self.pos_trans(embed.to(self.pos_trans.weight.dtype)))
-        query_pos, tgt = torch.split(out, self.d_model, dim=-1)
-        return query_pos, tgt
-
-
-class QuerySelection(_ProposalFeatures):
-    """Mixed query selection (DINO): the proposal features of every encoder token, ranked by
-    their largest class logit (the class / box heads are owned by the transformer part).
-
-    State dict: ``enc_output`` ``Linear(d, d)``, ``enc_output_norm`` ``LayerNorm(d)``
-    (official names under ``transformer.``).
-
-    Args:
-        d_model: width ``d``. num_queries: proposals kept, ``Q``.
-        base_size: anchor size of the finest level (:func:`encoder_proposals`).
-        select_valid_only: rank padding / invalid tokens last (``False``: the official
-            ranking of every token by its score).
-    """
-
-    def __init__(self, d_model: int = 256, num_queries: int = 900, base_size: float = 0.05,
-                 select_valid_only: bool = True) -> None:
-        super().__init__(d_model, num_queries, base_size, select_valid_only)
-
-    def select(self, logits: Tensor, invalid: Tensor) -> Tensor:
-        """Token indices ``[B, Q]`` (int64) of the ``Q`` proposals with the largest
-        ``logits.max(-1)``, best first; ``logits`` ``[B, S, C]``, ``invalid`` ``[B, S]``."""
-        return self._top(logits.max(-1)[0], invalid)
+    def _select(
+        self, memory: Tensor, levels: Levels, heads: Heads
+    ) -> tuple[Tensor, ProposalOutput, Tensor]:
+        """Score every token's proposal and keep the top ``Q``: detached references
+        ``[B, Q, 4]``, the encoder outputs, the selected features ``[B, Q, d]``."""
+        proposals, invalid = encoder_proposals(levels.padding, levels.spatial_shapes)
+        features = self.enc_output_norm(
+            self.enc_output(memory.masked_fill(invalid[..., None], 0.0))
+        )  # [B, S, d]
+        class_head, box_head = heads.encoder()
+        logits = class_head(features)  # [B, S, C]
+        boxes_unact = box_head(features) + proposals  # [B, S, 4]
+        score = logits[..., 0] if self.kind == "two_stage" else logits.max(-1)[0]  # [B, S]
+        if score.shape[1] < self.num_queries:
+            raise ValueError(
+                f"query selection needs at least num_queries={self.num_queries} "
+                f"encoder tokens, got {score.shape[1]}; use larger images or "
+                "lower model.queries.num_queries"
+            )
+        if self.select_valid:
+            score = score.masked_fill(invalid, float("-inf"))
+        index = torch.topk(score, self.num_queries, dim=1)[1]  # [B, Q]
+        chosen = gather_tokens(boxes_unact, index)  # [B, Q, 4]
+        if self.kind == "two_stage":  # every token is supervised
+            enc = ProposalOutput(logits, boxes_unact.sigmoid(), proposals.sigmoid())
+        else:
+            enc = ProposalOutput(
+                gather_tokens(logits, index),
+                chosen.sigmoid(),
+                gather_tokens(proposals, index).sigmoid(),
+            )
+        return chosen.detach().sigmoid(), enc, gather_tokens(features, index)

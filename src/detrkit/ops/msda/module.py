@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detrkit.ops.msda import Backend, SpatialShapes, as_shape_list, ms_deform_attn
+from detrkit.ops.msda.dispatch import Backend, ms_deform_attn
+from detrkit.ops.msda.reference import SpatialShapes, as_shape_list
 
 __all__ = ["MSDeformAttn"]
 
@@ -27,9 +28,9 @@ class MSDeformAttn(nn.Module):
     ``output_proj`` ``[d, d]`` (all ``nn.Linear`` with bias).
 
     Args:
-        d_model: hidden size ``d``; divisible by ``n_heads``.
+        d_model: hidden size ``d``; divisible by ``nheads``.
         n_levels: number of feature levels ``L``.
-        n_heads: number of attention heads.
+        nheads: number of attention heads.
         n_points: sampling points ``P`` per head and level.
         backend: operator backend, see :func:`detrkit.ops.msda.ms_deform_attn`.
     """
@@ -38,25 +39,28 @@ class MSDeformAttn(nn.Module):
         self,
         d_model: int = 256,
         n_levels: int = 4,
-        n_heads: int = 8,
+        nheads: int = 8,
         n_points: int = 4,
         backend: Backend = "auto",
     ) -> None:
         super().__init__()
-        if d_model % n_heads != 0:
-            raise ValueError(f"d_model must be divisible by n_heads, got {d_model} and {n_heads}")
-        head_dim = d_model // n_heads
+        if d_model % nheads != 0:
+            raise ValueError(f"d_model must be divisible by nheads, got {d_model} and {nheads}")
+        head_dim = d_model // nheads
         if head_dim & (head_dim - 1) != 0:
-            warnings.warn(f"MSDeformAttn head dimension {head_dim} is not a power of 2; the triton "
-                          "kernels mask the extra channels, which wastes work", stacklevel=2)
+            warnings.warn(
+                f"MSDeformAttn head dimension {head_dim} is not a power of 2; the triton "
+                "kernels mask the extra channels, which wastes work",
+                stacklevel=2,
+            )
         self.d_model = d_model
         self.n_levels = n_levels
-        self.n_heads = n_heads
+        self.nheads = nheads
         self.n_points = n_points
         self.backend: Backend = backend
 
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.sampling_offsets = nn.Linear(d_model, nheads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, nheads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
         self.reset_parameters()
@@ -66,9 +70,9 @@ class MSDeformAttn(nn.Module):
         ``2 pi i / heads``, scaled so that the larger component is 1), point ``p`` at distance
         ``p + 1``, identical for every level; uniform attention; xavier projections."""
         nn.init.constant_(self.sampling_offsets.weight, 0.0)
-        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        thetas = torch.arange(self.nheads, dtype=torch.float32) * (2.0 * math.pi / self.nheads)
         grid = torch.stack([thetas.cos(), thetas.sin()], -1)
-        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.nheads, 1, 1, 2)
         grid = grid.repeat(1, self.n_levels, self.n_points, 1)
         for i in range(self.n_points):
             grid[:, :, i, :] *= i + 1
@@ -85,66 +89,90 @@ class MSDeformAttn(nn.Module):
         self,
         query: Tensor,
         reference_points: Tensor,
-        input_flatten: Tensor,
-        input_spatial_shapes: SpatialShapes,
-        input_level_start_index: Tensor | None,
-        input_padding_mask: Tensor | None = None,
+        value: Tensor,
+        spatial_shapes: SpatialShapes,
+        level_start_index: Tensor | None,
+        padding_mask: Tensor | None = None,
     ) -> Tensor:
-        """Attend from ``query`` to the flattened multi-level ``input_flatten``.
+        """Attend from ``query`` to the flattened multi-level ``value``.
 
         Args:
             query: ``[B, Q, d]`` (position embedding already added by the caller).
             reference_points: ``[B, Q, L, 2]`` ``(x, y)`` in ``[0, 1]`` per level, or
                 ``[B, Q, L, 4]`` boxes ``(cx, cy, w, h)``; offsets are then scaled by half the box
                 size divided by ``n_points``.
-            input_flatten: ``[B, S, d]`` the levels flattened row-major, ``S = sum(H_l * W_l)``.
-            input_spatial_shapes: ``[L, 2]`` int64 ``(H, W)`` per level, or ``(H, W)`` Python ints
+            value: ``[B, S, d]`` the levels flattened row-major, ``S = sum(H_l * W_l)``.
+            spatial_shapes: ``[L, 2]`` int64 ``(H, W)`` per level, or ``(H, W)`` Python ints
                 (the latter keeps the shapes static for ``torch.export``).
-            input_level_start_index: ``[L]`` int64 start of each level in ``S`` (``None``: derived).
-            input_padding_mask: ``[B, S]`` bool, ``True`` on padding (those values are zeroed), or ``None``.
+            level_start_index: ``[L]`` int64 start of each level in ``S`` (``None``: derived).
+            padding_mask: ``[B, S]`` bool, ``True`` on padding (those values are zeroed), or ``None``.
 
         Returns:
             ``[B, Q, d]``.
         """
         batch, len_q, _ = query.shape
-        _, len_in, _ = input_flatten.shape
-        if not isinstance(input_spatial_shapes, Tensor):
-            shapes = as_shape_list(input_spatial_shapes)
+        _, len_in, _ = value.shape
+        if not isinstance(spatial_shapes, Tensor):
+            shapes = as_shape_list(spatial_shapes)
             if sum(h * w for h, w in shapes) != len_in:
-                raise ValueError(f"spatial shapes {shapes} do not add up to the input length {len_in}")
+                raise ValueError(
+                    f"spatial shapes {shapes} do not add up to the input length {len_in}"
+                )
 
-        value = self.value_proj(input_flatten)
-        if input_padding_mask is not None:
-            value = value.masked_fill(input_padding_mask[..., None], float(0))
-        value = value.view(batch, len_in, self.n_heads, self.d_model // self.n_heads)
+        value = self.value_proj(value)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], float(0))
+        value = value.view(batch, len_in, self.nheads, self.d_model // self.nheads)
         sampling_offsets = self.sampling_offsets(query).view(
-            batch, len_q, self.n_heads, self.n_levels, self.n_points, 2)
+            batch, len_q, self.nheads, self.n_levels, self.n_points, 2
+        )
         attention_weights = self.attention_weights(query).view(
-            batch, len_q, self.n_heads, self.n_levels * self.n_points)
+            batch, len_q, self.nheads, self.n_levels * self.n_points
+        )
         attention_weights = F.softmax(attention_weights, -1).view(
-            batch, len_q, self.n_heads, self.n_levels, self.n_points)
+            batch, len_q, self.nheads, self.n_levels, self.n_points
+        )
 
-        if reference_points.shape[-1] == 2:
-            if isinstance(input_spatial_shapes, Tensor):
-                offset_normalizer = torch.stack(
-                    [input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
-            else:
-                offset_normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=sampling_offsets.dtype,
-                                                 device=sampling_offsets.device)
-            sampling_locations = (reference_points[:, :, None, :, None, :]
-                                  + sampling_offsets / offset_normalizer[None, None, None, :, None, :])
-        elif reference_points.shape[-1] == 4:
-            sampling_locations = (
-                reference_points[:, :, None, :, None, :2]
-                + sampling_offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5
-            )
-        else:
-            raise ValueError(f"last dim of reference_points must be 2 or 4, got {reference_points.shape[-1]}")
-
-        output = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, sampling_locations,
-                                attention_weights, backend=self.backend)
+        sampling_locations = self._locations(reference_points, sampling_offsets, spatial_shapes)
+        output = ms_deform_attn(
+            value,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations,
+            attention_weights,
+            backend=self.backend,
+        )
         return self.output_proj(output)
 
+    def _locations(
+        self, reference_points: Tensor, offsets: Tensor, spatial_shapes: SpatialShapes
+    ) -> Tensor:
+        """Sampling locations ``[B, Q, heads, L, P, 2]``: the reference plus the offsets, in
+        pixels of each level (2-D points) or in halves of the box size over ``P`` (boxes)."""
+        if reference_points.shape[-1] == 2:
+            if isinstance(spatial_shapes, Tensor):
+                normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
+            else:
+                normalizer = torch.tensor(
+                    [[w, h] for h, w in as_shape_list(spatial_shapes)],
+                    dtype=offsets.dtype,
+                    device=offsets.device,
+                )
+            return (
+                reference_points[:, :, None, :, None, :]
+                + offsets / normalizer[None, None, None, :, None, :]
+            )
+        if reference_points.shape[-1] == 4:
+            return (
+                reference_points[:, :, None, :, None, :2]
+                + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
+        raise ValueError(
+            f"last dim of reference_points must be 2 or 4, got {reference_points.shape[-1]}"
+        )
+
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, n_levels={self.n_levels}, n_heads={self.n_heads}, "
-                f"n_points={self.n_points}, backend={self.backend!r}")
+        return (
+            f"d_model={self.d_model}, n_levels={self.n_levels}, nheads={self.nheads}, "
+            f"n_points={self.n_points}, backend={self.backend!r}"
+        )

@@ -100,12 +100,16 @@ def ms_deform_attn_reference(
     sampled = []
     for level, (h, w) in enumerate(shapes):
         # [B, H*W, heads, C] -> [B, H*W, heads*C] -> [B, heads*C, H*W] -> [B*heads, C, H, W]
-        value_l = value_list[level].flatten(2).transpose(1, 2).reshape(batch * heads, channels, h, w)
+        value_l = (
+            value_list[level].flatten(2).transpose(1, 2).reshape(batch * heads, channels, h, w)
+        )
         # [B, Q, heads, P, 2] -> [B, heads, Q, P, 2] -> [B*heads, Q, P, 2]
         grid_l = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
         # [B*heads, C, Q, P]
         sampled.append(
-            F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
+            F.grid_sample(
+                value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False
+            )
         )
     # [B, Q, heads, L, P] -> [B, heads, Q, L, P] -> [B*heads, 1, Q, L*P]
     weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)

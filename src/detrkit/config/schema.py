@@ -1,0 +1,142 @@
+"""The typed configuration tree: one :class:`Config` describes a run.
+
+Fields carry their types (``Literal`` for choices); values are checked against them when they
+enter the tree (:mod:`detrkit.config.io`), and cross-field rules live in
+:mod:`detrkit.config.validate`, run by :meth:`Config.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from detrkit.config.model import ModelConfig
+from detrkit.config.validate import validate_config
+
+__all__ = [
+    "MatcherConfig",
+    "LossConfig",
+    "PostprocessConfig",
+    "SyntheticConfig",
+    "AugmentConfig",
+    "DataConfig",
+    "TrainConfig",
+    "Config",
+]
+
+
+@dataclass
+class MatcherConfig:
+    """Weights of the Hungarian matching cost: class, L1 box distance, generalised IoU."""
+
+    cost_class: float = 1.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+
+
+@dataclass
+class LossConfig:
+    """Set-criterion terms and their weights (the same for every decoder layer)."""
+
+    class_loss: Literal["ce", "focal"] = "ce"  # ce goes with softmax, focal with sigmoid
+    class_weight: float = 1.0
+    bbox_weight: float = 5.0
+    giou_weight: float = 2.0
+    eos_coef: float = 0.1  # CE weight of the "no object" class
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    # also report the L1 term split into centre and size, loss_xy / loss_hw (logging only, as
+    # the DAB-DETR, DN-DETR and DINO code bases do)
+    log_xy_hw: bool = False
+    matcher: MatcherConfig = field(default_factory=MatcherConfig)
+
+
+@dataclass
+class PostprocessConfig:
+    """From model outputs to detections."""
+
+    # None: one detection per query (argmax, DETR). An int: top-k over all (query, class) pairs.
+    num_select: int | None = None
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in synthetic shapes dataset (written as COCO JSON + PNG images)."""
+
+    num_train: int = 512
+    num_val: int = 64
+    image_size: int = 128
+    min_objects: int = 1
+    max_objects: int = 4
+    seed: int = 0
+
+
+@dataclass
+class AugmentConfig:
+    """The DETR augmentation: flip, multi-scale resize (with max size), random resize-crop."""
+
+    hflip: bool = True
+    train_scales: list[int] = field(
+        default_factory=lambda: [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
+    )
+    max_size: int = 1333
+    crop: bool = True
+    crop_resize_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_size: list[int] = field(default_factory=lambda: [384, 600])  # [min, max]
+    val_scale: int = 800
+
+
+@dataclass
+class DataConfig:
+    """Where the images and annotations are, and how they are loaded and normalised."""
+
+    format: Literal["synthetic", "coco"] = "synthetic"
+    root: str = "data/shapes"  # synthetic: where the generated dataset is written
+    train_images: str | None = None
+    train_annotations: str | None = None
+    val_images: str | None = None
+    val_annotations: str | None = None
+    num_workers: int = 0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule, precision, device and output of a training run."""
+
+    epochs: int = 50
+    batch_size: int = 2
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    # learning-rate factor of the deformable sampling_offsets / reference_points projections
+    # (Deformable DETR: 0.1)
+    lr_linear_proj_mult: float = 1.0
+    weight_decay: float = 1e-4
+    lr_drop: int = 40  # epoch after which the learning rate is multiplied by lr_gamma
+    lr_gamma: float = 0.1
+    clip_max_norm: float = 0.1
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 42
+    output_dir: str = "runs/detrkit"
+    eval_every: int = 1
+    max_steps_per_epoch: int | None = None
+
+
+@dataclass
+class Config:
+    """A whole run: model, loss, post-processing, data and training."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> Config:
+        """Check every cross-field rule; raise :class:`ConfigError` naming the keys."""
+        validate_config(self)
+        return self
