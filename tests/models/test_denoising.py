@@ -16,20 +16,11 @@ from detrkit.models.denoising import (
     split_denoising,
 )
 from detrkit.structures import Target
+from tests.conftest import random_targets
 
 
 def _targets(counts, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in counts:
-        centre = torch.rand(n, 2, generator=g) * 0.5 + 0.25
-        size = torch.rand(n, 2, generator=g) * 0.3 + 0.05
-        out.append(
-            Target(
-                boxes=torch.cat([centre, size], 1), labels=torch.randint(0, 5, (n,), generator=g)
-            )
-        )
-    return out
+    return random_targets(counts, num_classes=5, seed=seed)
 
 
 def test_uneven_counts_and_an_image_without_boxes():

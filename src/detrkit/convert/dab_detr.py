@@ -49,6 +49,7 @@ from detrkit.convert.official_args import (
     resolve_num_classes,
     transformer_depth,
 )
+from detrkit.models.attention import CROSS_PROJECTIONS, SELF_PROJECTIONS
 from detrkit.presets import get_preset
 
 __all__ = ["RULES", "aliases", "to_config", "from_official", "to_official", "CONVERTER"]
@@ -58,15 +59,11 @@ _CONDITIONAL = tuple(
         f"transformer.decoder.layers.{{n}}.{prefix}_{name}.",
         f"transformer.decoder.layers.{{n}}.{attn}.{name}.",
     )
-    for prefix, attn in (("sa", "self_attn"), ("ca", "cross_attn"))
-    for name in (
-        "qcontent_proj",
-        "qpos_proj",
-        "kcontent_proj",
-        "kpos_proj",
-        "v_proj",
-        "qpos_sine_proj",
+    for prefix, attn, names in (
+        ("sa", "self_attn", SELF_PROJECTIONS),
+        ("ca", "cross_attn", CROSS_PROJECTIONS),
     )
+    for name in names
 )
 RULES: tuple[KeyRule, ...] = (
     BACKBONE_RULES

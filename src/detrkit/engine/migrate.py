@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from detrkit.models.attention import CROSS_PROJECTIONS, SELF_PROJECTIONS
+
 __all__ = ["migrate_v1", "v1_family"]
 
 # old prefix -> new prefix, per format-1 family ({i} = a layer index)
@@ -32,20 +34,7 @@ _CONDITIONAL = tuple(
         f"transformer.decoder.layers.{{i}}.{side}_{name}.",
         f"transformer.decoder.layers.{{i}}.{'self' if side == 'sa' else 'cross'}_attn.{name}.",
     )
-    for side, names in (
-        ("sa", ("qcontent_proj", "qpos_proj", "kcontent_proj", "kpos_proj", "v_proj")),
-        (
-            "ca",
-            (
-                "qcontent_proj",
-                "qpos_proj",
-                "kcontent_proj",
-                "kpos_proj",
-                "v_proj",
-                "qpos_sine_proj",
-            ),
-        ),
-    )
+    for side, names in (("sa", SELF_PROJECTIONS), ("ca", CROSS_PROJECTIONS))
     for name in names
 )
 _NORM_SWAP = (

@@ -17,7 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["multi_head_attention", "ConditionalSelfAttention", "ConditionalCrossAttention"]
+__all__ = [
+    "SELF_PROJECTIONS",
+    "CROSS_PROJECTIONS",
+    "multi_head_attention",
+    "ConditionalSelfAttention",
+    "ConditionalCrossAttention",
+]
+
+#: the input projections of conditional self- / cross-attention (the official names without
+#: their ``sa_`` / ``ca_`` prefix); ``qpos_proj`` of cross-attention exists in the first layer
+SELF_PROJECTIONS = ("qcontent_proj", "qpos_proj", "kcontent_proj", "kpos_proj", "v_proj")
+CROSS_PROJECTIONS = (*SELF_PROJECTIONS, "qpos_sine_proj")
 
 
 def multi_head_attention(
@@ -56,14 +67,7 @@ class ConditionalSelfAttention(nn.Module):
     def __init__(self, d_model: int, nheads: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.nheads, self.dropout = nheads, dropout
-        for name in (
-            "qcontent_proj",
-            "qpos_proj",
-            "kcontent_proj",
-            "kpos_proj",
-            "v_proj",
-            "out_proj",
-        ):
+        for name in (*SELF_PROJECTIONS, "out_proj"):
             setattr(self, name, nn.Linear(d_model, d_model))
 
     def forward(self, x: Tensor, pos: Tensor, attn_mask: Tensor | None = None) -> Tensor:
@@ -89,16 +93,11 @@ class ConditionalCrossAttention(nn.Module):
     ) -> None:
         super().__init__()
         self.nheads, self.dropout = nheads, dropout
-        for name in (
-            "qcontent_proj",
-            "kcontent_proj",
-            "kpos_proj",
-            "v_proj",
-            "qpos_sine_proj",
-            "out_proj",
-        ):
-            setattr(self, name, nn.Linear(d_model, d_model))
-        self.qpos_proj = nn.Linear(d_model, d_model) if query_pos_proj else None
+        for name in (*CROSS_PROJECTIONS, "out_proj"):
+            if name != "qpos_proj" or query_pos_proj:
+                setattr(self, name, nn.Linear(d_model, d_model))
+        if not query_pos_proj:
+            self.qpos_proj = None
 
     def _per_head_concat(self, a: Tensor, b: Tensor) -> Tensor:
         """``[B, N, d]`` twice -> ``[B, N, 2d]`` with head ``i`` = ``(a_i, b_i)``."""
