@@ -13,6 +13,7 @@ normalisation happen inside; boxes come back in the pixels of the image as given
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,16 @@ class Detector:
         converted = load_official(path_or_state, official_args=official_args)
         return cls(converted.model, converted.config, converted.label_map, device)
 
+    @classmethod
+    def from_onnx(cls, path: str | Path, runtime: str = "onnxruntime") -> Detector:
+        """A file written by :meth:`export` (raw contract), run on the CPU by ``runtime``
+        (``onnxruntime`` or ``openvino``): the same pre- and post-processing, so
+        :meth:`predict` returns what the PyTorch detector would."""
+        from detrkit.export import ExportedModel
+
+        exported = ExportedModel(path, runtime)  # type: ignore[arg-type]
+        return cls(exported, exported.config, exported.label_map, "cpu")  # type: ignore[arg-type]
+
     # ------------------------------------------------------------------ inference
 
     @staticmethod
@@ -303,6 +314,22 @@ class Detector:
         from detrkit.engine.checkpoint import save_checkpoint
 
         return save_checkpoint(path, self.model, self.config, self.label_map).with_suffix("")
+
+    def export(self, path: str | Path, **options: Any) -> Any:
+        """Write the model as ONNX (see ``docs/export.md``) and check it against PyTorch.
+
+        options: the fields of :class:`detrkit.export.ExportOptions` (``opset=17``,
+        ``dynamic=True``, ``topk=None`` for the raw contract or ``K`` for the deploy one,
+        ``msda``, ``with_mask``, ``check=True``, ``format="onnx"`` or ``"openvino"``).
+        Returns the :class:`~detrkit.export.ExportResult`; raises
+        :class:`~detrkit.export.ExportCheckError` (the file is kept) when the check fails.
+        """
+        from detrkit.export import ExportedModel, ExportOptions, export_model
+
+        if isinstance(self.model, ExportedModel):
+            raise ValueError(f"{self.model.path} is already an export; export the checkpoint")
+        model = copy.deepcopy(self.model).cpu()  # the detector keeps its device
+        return export_model(model, self.config, self.label_map, path, ExportOptions(**options))
 
     def __repr__(self) -> str:
         return (

@@ -4,8 +4,9 @@
     detrkit train --resume runs/tiny/checkpoint_last --set train.epochs=6
     detrkit eval --checkpoint runs/tiny/checkpoint_best [--images DIR --annotations FILE]
     detrkit predict img1.jpg img2.jpg --checkpoint runs/tiny/checkpoint_best --out preds
+    detrkit export --checkpoint runs/tiny/checkpoint_best --out model.onnx
     detrkit presets | convert SRC DST | check-data --images DIR --annotations FILE
-    detrkit bench msda [...] | demo [--out DIR]
+    detrkit bench msda|export [...] | demo [--out DIR]
 
 A mistake of the user (a bad config key or value, an unknown preset, a missing file, a broken
 dataset) is reported as one line ``detrkit: error: ...`` on stderr with exit status 2.
@@ -14,12 +15,21 @@ dataset) is reported as one line ``detrkit: error: ...`` on stderr with exit sta
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
+
+from detrkit.cli_common import (
+    Parser,
+    UsageError,
+    add_set_option,
+    checkpoint_path,
+    existing,
+    reading,
+)
+from detrkit.cli_deploy import add_export, add_predict
 
 if TYPE_CHECKING:  # pragma: no cover
     from detrkit.config import Config
@@ -29,23 +39,14 @@ __all__ = ["main", "UsageError"]
 PROG = "detrkit"
 
 
-class UsageError(Exception):
-    """A mistake in the command line or its inputs; printed as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors raised as :class:`UsageError` (one line, no usage block)."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see '{self.prog} --help')")
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean "the input is wrong", not "detrkit is broken"."""
     from detrkit.config import ConfigError
     from detrkit.data.errors import DatasetError
+    from detrkit.export.onnx import ExportError
 
     return (
+        ExportError,
         UsageError,
         ConfigError,
         DatasetError,
@@ -55,39 +56,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-# ----------------------------------------------------------------------------- helpers
-
-
-def _existing(path: str, what: str) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: {what} not found")
-    return p
-
-
-def _checkpoint_path(path: str) -> Path:
-    """The name (path without suffix) of the detrkit checkpoint ``path`` (given as the name,
-    or either of its two files), checked to exist."""
-    from detrkit.engine.checkpoint import checkpoint_paths
-
-    files = checkpoint_paths(path)
-    for key in ("meta", "weights"):
-        if not files[key].is_file():
-            raise FileNotFoundError(
-                f"{files[key]}: checkpoint file not found (a detrkit "
-                "checkpoint is <name>.safetensors + <name>.json)"
-            )
-    return files["meta"].with_suffix("")
-
-
-@contextlib.contextmanager
-def _reading(path: Path):
-    """Report a checkpoint that cannot be read (bad JSON, wrong format, bad config) as a user
-    error naming the file."""
-    try:
-        yield
-    except ValueError as err:
-        raise UsageError(f"{path}: {err}" if str(path) not in str(err) else str(err)) from None
+# ----------------------------------------------------------------------------- commands
 
 
 def _train_config(args: argparse.Namespace) -> Config:
@@ -102,14 +71,14 @@ def _train_config(args: argparse.Namespace) -> Config:
     if args.device is not None:
         overrides.append(f"train.device={args.device}")
     if args.config is not None:
-        return load_config(_existing(args.config, "config file"), overrides)
+        return load_config(existing(args.config, "config file"), overrides)
     if args.preset is not None:
         return apply_overrides(get_preset(args.preset), overrides).validate()
     if args.resume is not None:  # continue with the config stored in the checkpoint
         from detrkit.engine.checkpoint import load_checkpoint
 
-        stem = _checkpoint_path(args.resume)
-        with _reading(stem):
+        stem = checkpoint_path(args.resume)
+        with reading(stem):
             _, cfg, _, _ = load_checkpoint(stem)
         return apply_overrides(cfg, overrides).validate()
     raise UsageError("train: give --config FILE or --preset NAME (or --resume CHECKPOINT)")
@@ -142,7 +111,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from detrkit.engine import Trainer
 
     cfg = _train_config(args)
-    resume = _checkpoint_path(args.resume) if args.resume is not None else None
+    resume = checkpoint_path(args.resume) if args.resume is not None else None
     result = Trainer(cfg, progress=not args.quiet).fit(resume=resume)
     print(f"done: {result.epochs} epochs, best AP {max(result.best_ap, 0.0):.4f}")
     print(
@@ -161,15 +130,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             "eval: give both --images and --annotations (or neither, to use the "
             "validation set of the checkpoint's config)"
         )
-    stem = _checkpoint_path(args.checkpoint)
-    with _reading(stem):
+    stem = checkpoint_path(args.checkpoint)
+    with reading(stem):
         detector = Detector.from_checkpoint(stem, device=args.device, overrides=args.set or [])
     out = Path(args.out) if args.out is not None else stem.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "coco_results.json"
     metrics = detector.evaluate(
-        _existing(args.images, "image folder") if args.images else None,
-        _existing(args.annotations, "annotation file") if args.annotations else None,
+        existing(args.images, "image folder") if args.images else None,
+        existing(args.annotations, "annotation file") if args.annotations else None,
         results_path=results_path,
         progress=not args.quiet,
     )
@@ -178,32 +147,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for key, value in metrics.items():
         print(f"{key:>6}  {value:.4f}")
     print(f"metrics: {metrics_path}\nresults: {results_path}")
-    return 0
-
-
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from detrkit.api import Detector
-    from detrkit.viz import draw_detections, to_pil
-
-    paths = [_existing(p, "image") for p in args.images]
-    stem = _checkpoint_path(args.checkpoint)
-    with _reading(stem):
-        detector = Detector.from_checkpoint(stem, device=args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for index, path in enumerate(paths):
-        (pred,) = detector.predict(path, threshold=args.threshold)
-        results.extend({**r, "file_name": str(path)} for r in pred.to_coco(image_id=index))
-        image = draw_detections(
-            to_pil(detector.read_image(path)), pred.boxes_xyxy, pred.labels, pred.scores, pred.names
-        )
-        picture = out / f"{path.stem}.png"
-        image.save(picture)
-        print(f"{path}: {len(pred)} detections -> {picture}")
-    results_path = out / "predictions.json"
-    results_path.write_text(json.dumps(results, indent=1))
-    print(f"results: {results_path}")
     return 0
 
 
@@ -220,16 +163,16 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from detrkit.api import convert_checkpoint
 
-    src = _existing(args.src, "official checkpoint")
-    with _reading(src):  # ConversionError (a ValueError) names the keys that do not fit
+    src = existing(args.src, "official checkpoint")
+    with reading(src):  # ConversionError (a ValueError) names the keys that do not fit
         meta = convert_checkpoint(src, args.dst)
     print(f"wrote {meta.with_suffix('.safetensors')} and {meta}")
     return 0
 
 
 def _cmd_check_data(args: argparse.Namespace) -> int:
-    images = _existing(args.images, "image folder")
-    annotations = _existing(args.annotations, "annotation file")
+    images = existing(args.images, "image folder")
+    annotations = existing(args.annotations, "annotation file")
     from detrkit.data.check import check_dataset
 
     report = check_dataset(images, annotations)
@@ -238,6 +181,10 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "export":
+        from detrkit.export.speed import run_export_benchmark
+
+        return run_export_benchmark(list(args.args))
     from detrkit.bench import run_msda_benchmark
 
     return run_msda_benchmark(list(args.args))
@@ -259,17 +206,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
-def _add_set_option(parser: argparse.ArgumentParser, help_text: str) -> None:
-    """The repeatable ``--set KEY=VALUE`` option of ``parser``."""
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help=help_text)
-
-
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a detector")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--config", metavar="FILE", help="YAML config (may name a 'preset')")
     source.add_argument("--preset", metavar="NAME", help="start from a preset (see 'presets')")
-    _add_set_option(p, "override a config value, e.g. --set train.epochs=12 (repeatable)")
+    add_set_option(p, "override a config value, e.g. --set train.epochs=12 (repeatable)")
     p.add_argument("--output-dir", metavar="DIR", help="same as --set train.output_dir=DIR")
     p.add_argument(
         "--resume",
@@ -286,7 +228,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, metavar="CKPT")
     p.add_argument("--images", metavar="DIR", help="validation images (COCO format data)")
     p.add_argument("--annotations", metavar="FILE", help="COCO JSON of --images")
-    _add_set_option(p, "override the checkpoint's config (data.*, train.batch_size, ...)")
+    add_set_option(p, "override the checkpoint's config (data.*, train.batch_size, ...)")
     p.add_argument(
         "--out",
         metavar="DIR",
@@ -295,16 +237,6 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval)
-
-
-def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="detect objects in images, draw and save them")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT")
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--threshold", type=float, default=0.5, help="minimum score (0.5)")
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=_cmd_predict)
 
 
 def _add_presets(sub: argparse._SubParsersAction) -> None:
@@ -327,8 +259,8 @@ def _add_check_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="micro-benchmarks ('bench msda --help')")
-    p.add_argument("what", choices=["msda"])
+    p = sub.add_parser("bench", help="benchmarks ('bench msda --help', 'bench export --help')")
+    p.add_argument("what", choices=["msda", "export"])
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     p.set_defaults(func=_cmd_bench)
 
@@ -345,7 +277,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help=f"preset to train ({DEFAULT_PRESET})",
     )
-    _add_set_option(p, "override a value of the demo's config (repeatable)")
+    add_set_option(p, "override a value of the demo's config (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 
@@ -354,7 +286,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 _SUBCOMMANDS = (
     _add_train,
     _add_eval,
-    _add_predict,
+    add_predict,
+    add_export,
     _add_presets,
     _add_convert,
     _add_check_data,
@@ -364,9 +297,9 @@ _SUBCOMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="The DETR family of object detectors.")
+    parser = Parser(prog=PROG, description="The DETR family of object detectors.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for add_subcommand in _SUBCOMMANDS:
         add_subcommand(sub)
     return parser

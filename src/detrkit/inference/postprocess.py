@@ -73,41 +73,45 @@ class PostProcessor:
             labels ``[K]`` (contiguous class indices), query_index ``[K]``.
         """
         logits = outputs.logits
-        boxes = outputs.boxes
         with torch.autocast(logits.device.type, enabled=False):
-            logits = logits.float()  # [B, Q, C]
-            boxes = boxes.float()  # [B, Q, 4]
             sizes = torch.as_tensor(target_sizes, device=logits.device)
             if sizes.dim() != 2 or sizes.shape != (logits.shape[0], 2):
                 raise ValueError(
                     f"PostProcessor: target_sizes must be [B, 2] (h, w) with "
                     f"B={logits.shape[0]}, got {tuple(sizes.shape)}"
                 )
-            img_h, img_w = sizes.unbind(1)
-            scale = torch.stack([img_w, img_h, img_w, img_h], dim=1)  # [B, 4]
-            boxes_xyxy = cxcywh_to_xyxy(boxes) * scale[:, None, :]  # [B, Q, 4]
-            if self.class_activation == "softmax":
-                return self._per_query(logits, boxes_xyxy)
-            return self._top_k(logits, boxes_xyxy)
+            scores, labels, boxes, query = self.batched(
+                logits.float(), outputs.boxes.float(), sizes
+            )
+        return [Detections(boxes[b], scores[b], labels[b], query[b]) for b in range(len(scores))]
 
-    @staticmethod
-    def _per_query(logits: Tensor, boxes_xyxy: Tensor) -> list[Detections]:
-        prob = logits.softmax(-1)  # [B, Q, C+1]
-        scores, labels = prob[..., :-1].max(-1)  # [B, Q]
-        query = torch.arange(logits.shape[1], device=logits.device)
-        return [
-            Detections(boxes_xyxy[b], scores[b], labels[b], query) for b in range(logits.shape[0])
-        ]
+    def batched(
+        self, logits: Tensor, boxes: Tensor, target_sizes: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The detections of a batch as tensors (traceable: the exported deploy graph uses it).
 
-    def _top_k(self, logits: Tensor, boxes_xyxy: Tensor) -> list[Detections]:
+        Args:
+            logits: ``[B, Q, C]``. boxes: ``[B, Q, 4]`` normalised cxcywh.
+            target_sizes: ``[B, 2]`` ``(h, w)``.
+
+        Returns:
+            scores ``[B, K]``, labels ``[B, K]`` int64, boxes_xyxy ``[B, K, 4]`` absolute,
+            query index ``[B, K]`` int64; ``K = Q`` (softmax, query order) or the top-k of the
+            sigmoid scores (descending).
+        """
+        img_h, img_w = target_sizes.unbind(1)
+        scale = torch.stack([img_w, img_h, img_w, img_h], dim=1).to(boxes.dtype)  # [B, 4]
+        boxes_xyxy = cxcywh_to_xyxy(boxes) * scale[:, None, :]  # [B, Q, 4]
         bsz, nq, ncls = logits.shape
+        if self.class_activation == "softmax":
+            scores, labels = logits.softmax(-1)[..., :-1].max(-1)  # [B, Q]
+            query = torch.arange(nq, device=logits.device).expand(bsz, nq)
+            return scores, labels, boxes_xyxy, query
         k = min(self.num_select or DEFAULT_NUM_SELECT, nq * ncls)
-        prob = logits.sigmoid().view(bsz, -1)  # [B, Q*C]
-        scores, flat = torch.topk(prob, k, dim=1)  # [B, K]
+        scores, flat = torch.topk(logits.sigmoid().flatten(1), k, dim=1)  # [B, K]
         query = torch.div(flat, ncls, rounding_mode="floor")  # [B, K]
-        labels = flat % ncls
         picked = torch.gather(boxes_xyxy, 1, query.unsqueeze(-1).expand(-1, -1, 4))  # [B, K, 4]
-        return [Detections(picked[b], scores[b], labels[b], query[b]) for b in range(bsz)]
+        return scores, flat % ncls, picked, query
 
 
 def build_postprocessor(cfg: Config) -> PostProcessor:

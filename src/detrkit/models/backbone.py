@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["FrozenBatchNorm2d", "ResNetBackbone", "interpolate_mask", "RESNET_CHANNELS"]
@@ -74,12 +73,24 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.num_features}, eps={self.eps}"
 
 
+def _nearest_index(size_in, size_out, device: torch.device) -> Tensor:
+    """Source index of every output pixel of a nearest resize: ``floor(i * in / out)`` in
+    float32, exactly as ``F.interpolate(mode="nearest")`` computes it."""
+    scale = torch.full((), size_in, dtype=torch.float32, device=device) / size_out
+    index = torch.arange(size_out, dtype=torch.float32, device=device) * scale
+    return index.floor().long().clamp(max=size_in - 1)
+
+
 def interpolate_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
     """Nearest-neighbour resize of a padding mask ``[B, H, W]`` bool to ``[B, h, w]`` bool.
 
-    ``True`` = padding, as everywhere in detrkit.
+    ``True`` = padding, as everywhere in detrkit. Written as two index gathers (the same as
+    ``F.interpolate(mode="nearest")``) so that an exported graph resizes exactly alike: the
+    runtimes' own nearest resizes round differently.
     """
-    return F.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
+    rows = _nearest_index(mask.shape[-2], size[0], mask.device)
+    cols = _nearest_index(mask.shape[-1], size[1], mask.device)
+    return mask.index_select(1, rows).index_select(2, cols)
 
 
 BackboneNorm = Literal["frozen_bn", "bn"]

@@ -43,20 +43,17 @@ def flatten_levels(
         raise ValueError(f"got {len(srcs)} maps, {len(masks)} masks, {len(pos)} encodings")
     if level_embed is not None and level_embed.shape[0] != len(srcs):
         raise ValueError(f"expected {level_embed.shape[0]} feature levels, got {len(srcs)}")
-    shapes = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]
+    # plain ints in eager mode; symbolic sizes under torch.export (nothing is baked into a graph)
+    shapes = [(s.shape[-2], s.shape[-1]) for s in srcs]
     tokens = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # [B, S, d]
     padding = torch.cat([m.flatten(1) for m in masks], 1)  # [B, S]
     pos_parts = [p.flatten(2).transpose(1, 2) for p in pos]  # [B, h*w, d] each
     if level_embed is not None:
         pos_parts = [p + level_embed[lvl].view(1, 1, -1) for lvl, p in enumerate(pos_parts)]
-    starts = [0]
-    for h, w in shapes[:-1]:
-        starts.append(starts[-1] + h * w)
     levels = Levels(
         pos=torch.cat(pos_parts, 1),
         padding=padding,
         spatial_shapes=shapes,
-        level_start_index=torch.tensor(starts, dtype=torch.int64, device=tokens.device),
         valid_ratios=torch.stack([valid_ratio(m) for m in masks], 1),
     )
     return tokens, levels

@@ -55,14 +55,13 @@ class Levels:
     """The flattened feature levels as attention sees them.
 
     pos: ``[B, S, d]`` position encoding (plus level embedding). padding: ``[B, S]`` bool.
-    spatial_shapes: ``(h_l, w_l)`` per level. level_start_index: ``[L]`` int64.
+    spatial_shapes: ``(h_l, w_l)`` per level (symbolic sizes under ``torch.export``).
     valid_ratios: ``[B, L, 2]`` ``(w, h)`` share of each level that the image covers.
     """
 
     pos: Tensor
     padding: Tensor
     spatial_shapes: list[tuple[int, int]]
-    level_start_index: Tensor
     valid_ratios: Tensor
 
 
@@ -126,7 +125,7 @@ class EncoderLayer(_Layer):
                     reference_points,
                     x,
                     levels.spatial_shapes,
-                    levels.level_start_index,
+                    None,  # the level offsets follow from the shapes
                     levels.padding,
                 )
             return self.self_attn(q, q, x, key_padding_mask=levels.padding, need_weights=False)[0]
@@ -202,7 +201,7 @@ class DecoderLayer(_Layer):
                     reference,
                     memory,
                     levels.spatial_shapes,
-                    levels.level_start_index,
+                    None,  # the level offsets follow from the shapes
                     levels.padding,
                 )
             return self.cross_attn(

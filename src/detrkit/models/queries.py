@@ -215,12 +215,15 @@ class QueryInitialiser(nn.Module):
         logits = class_head(features)  # [B, S, C]
         boxes_unact = box_head(features) + proposals  # [B, S, 4]
         score = logits[..., 0] if self.kind == "two_stage" else logits.max(-1)[0]  # [B, S]
-        if score.shape[1] < self.num_queries:
-            raise ValueError(
-                f"query selection needs at least num_queries={self.num_queries} "
-                f"encoder tokens, got {score.shape[1]}; use larger images or "
-                "lower model.queries.num_queries"
-            )
+        # a run-time check (not a shape guard), so that an exported graph keeps any input size
+        torch._check_with(
+            ValueError,
+            score.shape[1] >= self.num_queries,
+            lambda: (
+                f"query selection needs at least num_queries={self.num_queries} encoder "
+                f"tokens, got {score.shape[1]}; use larger images or lower model.queries.num_queries"
+            ),
+        )
         if self.select_valid:
             score = score.masked_fill(invalid, float("-inf"))
         index = torch.topk(score, self.num_queries, dim=1)[1]  # [B, Q]

@@ -12,8 +12,10 @@ Conventions (the ones of the original Deformable-DETR op):
 * ``attention_weights``: ``[B, Q, heads, L, P]`` (usually a softmax over ``L * P``).
 * output: ``[B, Q, heads * C]``.
 
-Backends: ``"reference"`` (pure PyTorch ``grid_sample``, any device, ONNX-exportable) and
-``"triton"`` (fused kernels for CUDA, a ``torch.library`` custom op ``detrkit::ms_deform_attn``).
+Backends: ``"reference"`` (pure PyTorch ``grid_sample``, any device, ONNX-exportable at opset
+>= 16), ``"gather"`` (the same bilinear sampling with explicit gathers: any device, exports at any
+opset without ``GridSample``) and ``"triton"`` (fused kernels for CUDA, a ``torch.library``
+custom op ``detrkit::ms_deform_attn``).
 Triton is imported only when the triton backend is first used.
 """
 
@@ -24,9 +26,11 @@ from detrkit.ops.msda.dispatch import (
     ms_deform_attn,
     ms_deform_attn_reference,
 )
+from detrkit.ops.msda.gather import ms_deform_attn_gather
 from detrkit.ops.msda.module import MSDeformAttn
 
 __all__ = [
+    "ms_deform_attn_gather",
     "Backend",
     "SpatialShapes",
     "available_backends",

@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from detrkit.ops.msda.gather import ms_deform_attn_gather
 from detrkit.ops.msda.reference import (
     SpatialShapes,
     as_shape_list,
@@ -26,8 +27,8 @@ __all__ = [
     "ms_deform_attn_reference",
 ]
 
-Backend = Literal["auto", "reference", "triton"]
-_BACKENDS = ("auto", "reference", "triton")
+Backend = Literal["auto", "reference", "gather", "triton"]
+_BACKENDS = ("auto", "reference", "gather", "triton")
 
 # None: not tried yet; a module: imported; an exception: the import (or a first call) failed.
 _triton_state: ModuleType | BaseException | None = None
@@ -95,7 +96,8 @@ def ms_deform_attn(
         level_start_index: ``[L]`` int64 start of each level in ``S``; ``None`` to derive it.
         sampling_locations: ``[B, Q, heads, L, P, 2]`` ``(x, y)`` normalised to ``[0, 1]`` per level.
         attention_weights: ``[B, Q, heads, L, P]``.
-        backend: ``"reference"`` (PyTorch ``grid_sample``), ``"triton"`` (CUDA kernels; on CPU only
+        backend: ``"reference"`` (PyTorch ``grid_sample``), ``"gather"`` (explicit bilinear
+            gathers: exports at any opset without ``GridSample``), ``"triton"`` (CUDA kernels; on CPU only
             with ``TRITON_INTERPRET=1``) or ``"auto"``: triton for CUDA values in float32 / bfloat16 /
             float16 when Triton imports and works, the reference otherwise; never fails for lack
             of Triton.
@@ -110,6 +112,8 @@ def ms_deform_attn(
         return ms_deform_attn_reference(
             value, spatial_shapes, sampling_locations, attention_weights
         )
+    if backend == "gather":
+        return ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
     if backend == "auto":
         return _auto(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights

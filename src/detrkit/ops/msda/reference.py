@@ -18,7 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SpatialShapes", "as_shape_list", "level_start_index_of", "ms_deform_attn_reference"]
+__all__ = [
+    "SpatialShapes",
+    "as_shape_list",
+    "compute_dtype",
+    "level_start_index_of",
+    "ms_deform_attn_reference",
+    "prepare_inputs",
+]
 
 #: ``[L, 2]`` int64 tensor of ``(H, W)`` rows, or a sequence of ``(H, W)`` Python ints.
 SpatialShapes = Tensor | Sequence[Sequence[int]]
@@ -41,7 +48,8 @@ def as_shape_list(spatial_shapes: SpatialShapes) -> list[tuple[int, int]]:
     for row in rows:
         if len(row) != 2:
             raise ValueError(f"every spatial shape must be (H, W), got {row!r}")
-        shapes.append((int(row[0]), int(row[1])))
+        # symbolic sizes (torch.export) stay symbolic: an int() would bake them into the graph
+        shapes.append(tuple(v if isinstance(v, torch.SymInt) else int(v) for v in row))
     return shapes
 
 
@@ -54,12 +62,25 @@ def level_start_index_of(shapes: Sequence[tuple[int, int]]) -> list[int]:
     return starts
 
 
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
     """float32, or float64 when any input is float64 (half-precision values are upcast)."""
     dtype = torch.float32
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
+
+
+def prepare_inputs(
+    value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, weights: Tensor
+) -> tuple[list[tuple[int, int]], Tensor, Tensor, Tensor]:
+    """The shape list (one ``(H, W)`` per level, checked against the locations) and the three
+    tensors in the :func:`compute_dtype` of the op."""
+    shapes = as_shape_list(spatial_shapes)
+    levels = sampling_locations.shape[3]
+    if len(shapes) != levels:
+        raise ValueError(f"{len(shapes)} spatial shapes for {levels} levels of sampling locations")
+    dtype = compute_dtype(value, sampling_locations, weights)
+    return shapes, value.to(dtype), sampling_locations.to(dtype), weights.to(dtype)
 
 
 def ms_deform_attn_reference(
@@ -84,16 +105,12 @@ def ms_deform_attn_reference(
         outside the map contribute zero. The arithmetic runs in float32 (float64 if any input
         is float64): half-precision values are upcast, locations are never rounded to half.
     """
-    shapes = as_shape_list(spatial_shapes)
+    out_dtype = value.dtype
+    shapes, value, sampling_locations, attention_weights = prepare_inputs(
+        value, spatial_shapes, sampling_locations, attention_weights
+    )
     batch, _, heads, channels = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
-    if len(shapes) != levels:
-        raise ValueError(f"{len(shapes)} spatial shapes for {levels} levels of sampling locations")
-    out_dtype = value.dtype
-    dtype = _compute_dtype(value, sampling_locations, attention_weights)
-    value = value.to(dtype)
-    sampling_locations = sampling_locations.to(dtype)
-    attention_weights = attention_weights.to(dtype)
 
     value_list = value.split([h * w for h, w in shapes], dim=1)
     sampling_grids = 2 * sampling_locations - 1

@@ -1,0 +1,166 @@
+"""Exporting detectors to ONNX and running the files: the raw contract reproduces the PyTorch
+model at sizes and batch sizes other than the traced one, from one file; predictions through
+onnxruntime equal PyTorch's; bad input is one clear error."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from detrkit import Detector
+from detrkit.export import ExportedModel, ExportError, read_export
+from detrkit.export.graph import example_inputs
+from detrkit.presets import list_presets
+
+TINY = [p for p in list_presets() if p.startswith("test_")]
+FULL = [p for p in list_presets() if not p.startswith("test_")]
+
+
+def _export_and_compare(preset: str, folder, **options):
+    """Export ``preset`` (random weights) and compare the file with PyTorch, independently of
+    the export's own check, on two fresh inputs of other sizes and batch sizes."""
+    torch.manual_seed(0)
+    det = Detector.from_preset(preset, device="cpu")
+    path = folder / f"{preset}.onnx"
+    result = det.export(path, **options)
+    assert result.checks and all(c.passed for c in result.checks)
+    exported = ExportedModel(path)
+    queries = det.config.model.queries.num_queries * max(det.config.model.queries.num_patterns, 1)
+    for batch, h, w in [(1, 288, 224), (2, 224, 320)]:
+        images, mask = example_inputs(batch, h, w, seed=7)
+        with torch.no_grad():
+            ref = det.model(images, mask)
+        logits, boxes = (
+            torch.from_numpy(a) for a in exported.run({"images": images, "mask": mask})
+        )
+        assert logits.shape == (
+            batch,
+            queries,
+            det.config.model.num_classes,
+        )  # no denoising queries
+        torch.testing.assert_close(logits, ref.logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(boxes, ref.boxes, atol=1e-4, rtol=0)
+    return det, path
+
+
+@pytest.fixture(scope="module")
+def deformable_export(tmp_path_factory):
+    return _export_and_compare("test_deformable_detr_tiny", tmp_path_factory.mktemp("export"))
+
+
+def test_one_file_serves_other_sizes_and_batches(deformable_export):
+    _, path = deformable_export
+    meta, cfg, label_map = read_export(path)
+    assert meta["contract"] == "raw" and meta["preset"] == "" and meta["msda"] == "grid_sample"
+    assert cfg.model.num_classes == len(label_map)
+    import onnx
+
+    proto = onnx.load(str(path))
+    assert next(o.version for o in proto.opset_import if o.domain == "") == 17
+    ops = {n.op_type for n in proto.graph.node}
+    assert "GridSample" in ops and not any(op.startswith("Random") for op in ops)
+
+
+def test_from_onnx_predicts_like_pytorch(deformable_export):
+    det, path = deformable_export
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in [(90, 130), (140, 70)]]
+    mine = Detector.from_onnx(path).predict(images, threshold=0.0)
+    theirs = det.predict(images, threshold=0.0)
+    for a, b in zip(mine, theirs):
+        assert a.image_size == b.image_size and a.names == b.names
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-4, rtol=0)
+        torch.testing.assert_close(a.boxes_xyxy, b.boxes_xyxy, atol=1e-2, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", TINY + FULL)
+def test_every_preset_exports_and_passes_the_check(preset, tmp_path):
+    _export_and_compare(preset, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"opset": 12}, "--opset: 12"),
+        ({"msda": "bilinear"}, "--msda: 'bilinear'"),
+        ({"opset": 15, "msda": "grid_sample"}, "needs opset >= 16"),
+        ({"topk": 10**6}, "--postprocess topk=1000000"),
+        ({"format": "tensorrt"}, "--format: 'tensorrt'"),
+    ],
+)
+def test_bad_options_are_one_clear_error(options, match, tmp_path):
+    det = Detector.from_preset("test_detr_tiny", device="cpu")
+    with pytest.raises(ExportError, match=match):
+        det.export(tmp_path / "m.onnx", **options)
+
+
+def test_bad_output_paths_are_refused_before_tracing(tmp_path):
+    det = Detector.from_preset("test_detr_tiny", device="cpu")
+    with pytest.raises(ExportError, match="does not exist"):
+        det.export(tmp_path / "missing" / "m.onnx")
+    with pytest.raises(ExportError, match="must end in .onnx"):
+        det.export(tmp_path / "m.pt")
+
+
+def test_a_missing_extra_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # an import of it raises ImportError
+    det = Detector.from_preset("test_detr_tiny", device="cpu")
+    with pytest.raises(ExportError, match=r'pip install "detrkit\[export\]"'):
+        det.export(tmp_path / "m.onnx")
+
+
+def test_files_not_exported_by_detrkit_are_refused(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [value],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])  # fmt: skip
+    onnx.save(helper.make_model(graph), str(tmp_path / "other.onnx"))
+    with pytest.raises(ExportError, match="not exported by detrkit"):
+        Detector.from_onnx(tmp_path / "other.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(ExportError, match="not a readable ONNX file"):
+        Detector.from_onnx(tmp_path / "junk.onnx")
+
+
+def test_cli_export_then_predict_with_the_file(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from detrkit.cli import main
+
+    torch.manual_seed(0)
+    stem = Detector.from_preset("test_detr_tiny", device="cpu").save(tmp_path / "ckpt")
+    image = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 120, 3), dtype=np.uint8)).save(
+        image
+    )
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(stem), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "check with onnxruntime" in printed and printed.count(": ok") == 2 and out.is_file()
+    runs = {}
+    for source in (["--checkpoint", str(stem)], ["--onnx", str(out)]):
+        folder = tmp_path / source[0].strip("-")
+        args = ["predict", str(image), *source, "--out", str(folder), "--threshold", "0"]
+        assert main([*args, "--device", "cpu"] if source[0] == "--checkpoint" else args) == 0
+        runs[source[0]] = json.loads((folder / "predictions.json").read_text())
+    mine, theirs = runs["--onnx"], runs["--checkpoint"]
+    assert len(mine) == len(theirs) > 0
+    for a, b in zip(mine, theirs):
+        assert a["category_id"] == b["category_id"]
+        np.testing.assert_allclose(a["bbox"], b["bbox"], atol=1e-2)
+        np.testing.assert_allclose(a["score"], b["score"], atol=1e-4)
+    bad = ["export", "--checkpoint", str(stem), "--out", str(out), "--postprocess", "top=3"]
+    assert main(bad) == 2
+    assert "expected topk=K" in capsys.readouterr().err
