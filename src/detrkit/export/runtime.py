@@ -65,7 +65,10 @@ class ExportedModel:
         elif runtime == "openvino":
             ov = require("openvino")
             xml = self.path.with_suffix(".xml")
-            compiled = ov.Core().compile_model(str(xml if xml.is_file() else self.path), "CPU")
+            # float32 as exported: on CPUs with bf16 units OpenVINO would otherwise infer in bf16
+            compiled = ov.Core().compile_model(
+                str(xml if xml.is_file() else self.path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+            )
             self._session = compiled
             self.input_names = [i.get_any_name() for i in compiled.inputs]
         else:
