@@ -11,10 +11,8 @@ from torch import nn
 
 from detrkit.config import Config
 from detrkit.export.check import CheckResult, check_export
-from detrkit.export.graph import DeployGraph, RawGraph
-from detrkit.export.onnx import ExportError, ExportOptions, require, write_onnx
+from detrkit.export.onnx import ExportError, ExportOptions, contract_graph, require, write_onnx
 from detrkit.export.runtime import ExportedModel
-from detrkit.inference.postprocess import PostProcessor
 from detrkit.structures import LabelMap
 
 __all__ = ["ExportCheckError", "ExportResult", "export_model"]
@@ -44,13 +42,6 @@ def _writable(path: Path) -> Path:
     return path
 
 
-def _reference_graph(model: nn.Module, cfg: Config, options: ExportOptions) -> nn.Module:
-    if options.topk is None:
-        return RawGraph(model, options.with_mask).eval()
-    post = PostProcessor(cfg.model.class_activation, options.topk)
-    return DeployGraph(model, post, options.with_mask).eval()
-
-
 def export_model(model: nn.Module, cfg: Config, label_map: LabelMap, path: str | Path,
                  options: ExportOptions | None = None, preset: str | None = None,
                  echo: Callable[[str], None] | None = None) -> ExportResult:  # fmt: skip
@@ -75,7 +66,7 @@ def export_model(model: nn.Module, cfg: Config, label_map: LabelMap, path: str |
         runtimes.append("openvino")
     result = ExportResult(path, files)
     if options.check:
-        graph = _reference_graph(model, cfg, options)
+        graph = contract_graph(model, cfg, options).eval()
         for runtime in runtimes:
             check = check_export(graph, cfg, ExportedModel(path, runtime))  # type: ignore[arg-type]
             result.checks.append(check)

@@ -88,15 +88,19 @@ def require(module: str) -> Any:
         raise ExportError(f"export needs the '{module}' package: {EXTRA}") from None
 
 
+def contract_graph(model: nn.Module, cfg: Config, options: ExportOptions) -> nn.Module:
+    """``model`` behind the contract ``options`` choose (raw, or deploy with ``topk``)."""
+    if options.topk is None:
+        return RawGraph(model, options.with_mask)
+    post = PostProcessor(cfg.model.class_activation, options.topk)
+    return DeployGraph(model, post, options.with_mask)
+
+
 def _graph(model: nn.Module, cfg: Config, options: ExportOptions) -> tuple[nn.Module, dict]:
     """The module to trace and its inputs / outputs / dynamic shapes."""
-    if options.topk is None:
-        graph: nn.Module = RawGraph(model, options.with_mask)
-        outputs = ["logits", "boxes"]
-    else:
-        post = PostProcessor(cfg.model.class_activation, options.topk)
-        graph = DeployGraph(model, post, options.with_mask)
-        outputs = ["scores", "labels", "boxes_xyxy"]
+    graph = contract_graph(model, cfg, options)
+    raw = ["logits", "boxes"]
+    outputs = raw if options.topk is None else ["scores", "labels", "boxes_xyxy"]
     side = max(cfg.data.augment.val_scale, 256)  # enough tokens for every query selection
     images, mask = example_inputs(2, side, side + 32)
     dim = torch.export.Dim.DYNAMIC if options.dynamic else torch.export.Dim.STATIC
