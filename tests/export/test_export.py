@@ -4,6 +4,7 @@ onnxruntime equal PyTorch's; bad input is one clear error."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import numpy as np
@@ -17,22 +18,29 @@ pytest.importorskip("onnxscript")
 from detrkit import Detector
 from detrkit.export import ExportedModel, ExportError, read_export
 from detrkit.export.graph import example_inputs
-from detrkit.presets import list_presets
+from detrkit.presets import get_preset, list_presets
+from tests.export.exports import ExportPool, Job
 
 TINY = [p for p in list_presets() if p.startswith("test_")]
 FULL = [p for p in list_presets() if not p.startswith("test_")]
+OPENVINO = importlib.util.find_spec("openvino") is not None
+EVERY_PRESET = "test_every_preset_exports_and_passes_the_check"
+DEPLOY = "deploy at opset 13"
 
 
-def _export_and_compare(preset: str, folder, **options):
-    """Export ``preset`` (random weights) and compare the file with PyTorch, independently of
-    the export's own check, on two fresh inputs of other sizes and batch sizes."""
+def _fresh(preset: str) -> Detector:
+    """The preset with the random weights of seed 0, as every export here is made."""
     torch.manual_seed(0)
-    det = Detector.from_preset(preset, device="cpu")
-    path = folder / f"{preset}.onnx"
-    result = det.export(path, **options)
-    assert result.checks and all(c.passed for c in result.checks)
+    return Detector.from_preset(preset, device="cpu")
+
+
+def _compare(det: Detector, path) -> None:
+    """Compare an exported raw-contract file with PyTorch, independently of the export's own
+    check, on two fresh inputs of other sizes and batch sizes than the traced one."""
     exported = ExportedModel(path)
-    queries = det.config.model.queries.num_queries * max(det.config.model.queries.num_patterns, 1)
+    model = det.config.model
+    queries = model.queries.num_queries * max(model.queries.num_patterns, 1)
+    classes = model.num_classes + (model.class_activation == "softmax")  # + no-object
     for batch, h, w in [(1, 288, 224), (2, 224, 320)]:
         images, mask = example_inputs(batch, h, w, seed=7)
         with torch.no_grad():
@@ -40,19 +48,47 @@ def _export_and_compare(preset: str, folder, **options):
         logits, boxes = (
             torch.from_numpy(a) for a in exported.run({"images": images, "mask": mask})
         )
-        assert logits.shape == (
-            batch,
-            queries,
-            det.config.model.num_classes,
-        )  # no denoising queries
+        assert logits.shape == (batch, queries, classes)  # no denoising queries
         torch.testing.assert_close(logits, ref.logits, atol=1e-4, rtol=0)
         torch.testing.assert_close(boxes, ref.boxes, atol=1e-4, rtol=0)
-    return det, path
 
 
 @pytest.fixture(scope="module")
-def deformable_export(tmp_path_factory):
-    return _export_and_compare("test_deformable_detr_tiny", tmp_path_factory.mktemp("export"))
+def exports(request, tmp_path_factory):
+    """The exports the selected tests need, made two at a time in worker processes: every
+    preset the parametrised test was asked for (OpenVINO IR too where installed), the
+    default-options deformable export, and a deploy-contract export at opset 13."""
+    folder = tmp_path_factory.mktemp("exports")
+    fmt = (("format", "openvino"),) if OPENVINO else ()
+    wanted = {"test_deformable_detr_tiny"} | {
+        item.callspec.params["preset"]
+        for item in request.session.items
+        if getattr(item, "originalname", "") == EVERY_PRESET
+    }
+    jobs = {p: Job(p, folder / f"{p}.onnx", fmt if p != "test_deformable_detr_tiny" else ())
+            for p in sorted(wanted)}  # fmt: skip
+    topk = get_preset("test_deformable_detr_tiny").postprocess.num_select
+    jobs[DEPLOY] = Job("test_deformable_detr_tiny", folder / "deploy.onnx",
+                       (("opset", 13), ("topk", topk)))  # fmt: skip
+    pool = ExportPool(jobs)
+    yield pool
+    pool.close()
+
+
+def _checked(exports: ExportPool, key: str):
+    """Wait for an export; assert that its own check ran and passed; the job and a detector
+    with the same weights."""
+    job, checked = exports.result(key)
+    assert checked.error is None, checked.error
+    assert checked.checks and all(passed for _, passed, _ in checked.checks), checked.checks
+    return job, checked, _fresh(job.preset)
+
+
+@pytest.fixture(scope="module")
+def deformable_export(exports):
+    job, _, det = _checked(exports, "test_deformable_detr_tiny")
+    _compare(det, job.path)
+    return det, job.path
 
 
 def test_one_file_serves_other_sizes_and_batches(deformable_export):
@@ -68,11 +104,14 @@ def test_one_file_serves_other_sizes_and_batches(deformable_export):
     assert "GridSample" in ops and not any(op.startswith("Random") for op in ops)
 
 
-def test_from_onnx_predicts_like_pytorch(deformable_export):
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_from_onnx_predicts_like_pytorch(deformable_export, runtime):
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
     det, path = deformable_export
     rng = np.random.default_rng(3)
     images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in [(90, 130), (140, 70)]]
-    mine = Detector.from_onnx(path).predict(images, threshold=0.0)
+    mine = Detector.from_onnx(path, runtime).predict(images, threshold=0.0)
     theirs = det.predict(images, threshold=0.0)
     for a, b in zip(mine, theirs):
         assert a.image_size == b.image_size and a.names == b.names
@@ -80,10 +119,55 @@ def test_from_onnx_predicts_like_pytorch(deformable_export):
         torch.testing.assert_close(a.boxes_xyxy, b.boxes_xyxy, atol=1e-2, rtol=0)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("preset", TINY + FULL)
-def test_every_preset_exports_and_passes_the_check(preset, tmp_path):
-    _export_and_compare(preset, tmp_path)
+@pytest.mark.parametrize("preset", TINY + [pytest.param(p, marks=pytest.mark.slow) for p in FULL])
+def test_every_preset_exports_and_passes_the_check(preset, exports):
+    """The export's own check runs onnxruntime, and OpenVINO (its IR) where installed."""
+    job, checked, det = _checked(exports, preset)
+    expected = ["onnxruntime"] + (["openvino"] if OPENVINO and job.options else [])
+    assert [runtime for runtime, _, _ in checked.checks] == expected
+    _compare(det, job.path)
+
+
+def test_deploy_contract_at_opset_13_returns_what_predict_returns(exports):
+    """topk=K through gathers (no GridSample below opset 16): the detections of
+    ``Detector.predict`` before thresholding, boxes in pixels of the original images."""
+    import onnx
+
+    from detrkit.data.collate import images_to_batch
+
+    job, checked, det = _checked(exports, DEPLOY)
+    assert [runtime for runtime, _, _ in checked.checks] == ["onnxruntime"]
+    k, path = dict(job.options)["topk"], job.path
+    proto = onnx.load(str(path))
+    assert next(o.version for o in proto.opset_import if o.domain == "") == 13
+    assert "GridSample" not in {n.op_type for n in proto.graph.node}
+    exported = ExportedModel(path)
+    assert exported.contract == "deploy" and exported.metadata["msda"] == "gather"
+
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in [(120, 200), (260, 90)]]
+    theirs = det.predict(images, threshold=0.0)
+    batch = images_to_batch(
+        [det._preprocess(det.read_image(im)) for im in images],
+        orig_sizes=[im.shape[:2] for im in images],
+    )
+    scores, labels, boxes = (
+        torch.from_numpy(a)
+        for a in exported.run(
+            {"images": batch.images, "mask": batch.mask, "orig_sizes": batch.orig_sizes}
+        )
+    )
+    assert scores.shape == (2, k) and labels.dtype == torch.int64 and boxes.shape == (2, k, 4)
+    for i, pred in enumerate(theirs):
+        assert len(pred) == k  # threshold 0 keeps all k
+        torch.testing.assert_close(scores[i], pred.scores, atol=1e-4, rtol=0)
+        tie = (pred.scores[1:] - pred.scores[:-1]).abs() <= 1e-4
+        ties = torch.zeros(k, dtype=torch.bool)
+        ties[1:] |= tie
+        ties[:-1] |= tie
+        assert bool(ties[labels[i] != pred.labels].all())  # labels agree except at tied ranks
+        same = labels[i] == pred.labels
+        torch.testing.assert_close(boxes[i][same], pred.boxes_xyxy[same], atol=1e-2, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -164,3 +248,25 @@ def test_cli_export_then_predict_with_the_file(tmp_path, capsys):
     bad = ["export", "--checkpoint", str(stem), "--out", str(out), "--postprocess", "top=3"]
     assert main(bad) == 2
     assert "expected topk=K" in capsys.readouterr().err
+
+
+def test_cli_export_that_fails_its_check_exits_1_and_keeps_the_file(tmp_path, capsys,
+                                                                     monkeypatch):  # fmt: skip
+    """A runtime that computes the logits 1e-3 off (as a miscompiled op would) is caught."""
+    from detrkit.cli import main
+
+    torch.manual_seed(0)
+    stem = Detector.from_preset("test_detr_tiny", device="cpu").save(tmp_path / "ckpt")
+    run = ExportedModel.run
+
+    def off_by_1e3(self, feeds):
+        logits, *rest = run(self, feeds)
+        return [logits + 1e-3, *rest]
+
+    monkeypatch.setattr(ExportedModel, "run", off_by_1e3)
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(stem), "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.out + captured.err and "kept for inspection" in captured.err
+    assert out.is_file()
+    assert read_export(out)[0]["contract"] == "raw"  # a complete file, readable

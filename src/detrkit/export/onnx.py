@@ -8,8 +8,11 @@ class names, the normalisation and the model's config are written into the ONNX 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -150,14 +153,29 @@ def _metadata(cfg: Config, label_map: LabelMap, options: ExportOptions, preset: 
     }
 
 
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Keep the tracer's warnings and the graph optimiser's notes (one per multi-output node it
+    does not fold: every ``Split``) off the console; they are not problems of the user's model,
+    and real failures raise."""
+    log = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
+
+
 def write_onnx(model: nn.Module, cfg: Config, label_map: LabelMap, path: Path,
                options: ExportOptions, preset: str | None = None) -> Path:  # fmt: skip
     """Trace ``model`` (eval mode, CPU, float32) and write ``path``; returns the path."""
     onnx = require("onnx")
     require("onnxscript")
     graph, spec = _graph(model.eval(), cfg, options)
-    with msda_backend(model, options.resolved_msda()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer chatter; failures raise
+    with msda_backend(model, options.resolved_msda()), _quiet_exporter():
         program = torch.onnx.export(
             graph, spec["args"], dynamo=True, opset_version=max(options.opset, 18),
             input_names=spec["inputs"], output_names=spec["outputs"],
