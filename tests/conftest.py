@@ -298,19 +298,3 @@ def load_fixture(name: str) -> Fixture:
 
     path = fixtures_dir() / name
     return Fixture(name, path, fixture_meta(name), load_file(str(path / "tensors.safetensors")))
-
-
-# ----------------------------------------------------------------------------- exports
-
-
-def pytest_collection_finish(session):
-    """Start the export tests' exports in worker processes now, beside the earlier tests."""
-    from tests.export.exports import start_exports
-
-    start_exports(session)
-
-
-def pytest_sessionfinish(session):
-    from tests.export.exports import stop_exports
-
-    stop_exports(session)

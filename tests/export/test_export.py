@@ -4,6 +4,7 @@ onnxruntime equal PyTorch's; bad input is one clear error."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import numpy as np
@@ -17,11 +18,14 @@ pytest.importorskip("onnxscript")
 from detrkit import Detector
 from detrkit.export import ExportedModel, ExportError, read_export
 from detrkit.export.graph import example_inputs
-from detrkit.presets import list_presets
-from tests.export.exports import DEFORMABLE, DEPLOY, POOL, ExportPool
+from detrkit.presets import get_preset, list_presets
+from tests.export.exports import ExportPool, Job
 
 TINY = [p for p in list_presets() if p.startswith("test_")]
 FULL = [p for p in list_presets() if not p.startswith("test_")]
+OPENVINO = importlib.util.find_spec("openvino") is not None
+EVERY_PRESET = "test_every_preset_exports_and_passes_the_check"
+DEPLOY = "deploy at opset 13"
 
 
 def _fresh(preset: str) -> Detector:
@@ -50,9 +54,25 @@ def _compare(det: Detector, path) -> None:
 
 
 @pytest.fixture(scope="module")
-def exports(request) -> ExportPool:
-    """The exports started when collection ended (``tests.export.exports.start_exports``)."""
-    return request.config.stash[POOL]
+def exports(request, tmp_path_factory):
+    """The exports the selected tests need, made two at a time in worker processes: every
+    preset the parametrised test was asked for (OpenVINO IR too where installed), the
+    default-options deformable export, and a deploy-contract export at opset 13."""
+    folder = tmp_path_factory.mktemp("exports")
+    fmt = (("format", "openvino"),) if OPENVINO else ()
+    wanted = {"test_deformable_detr_tiny"} | {
+        item.callspec.params["preset"]
+        for item in request.session.items
+        if getattr(item, "originalname", "") == EVERY_PRESET
+    }
+    jobs = {p: Job(p, folder / f"{p}.onnx", fmt if p != "test_deformable_detr_tiny" else ())
+            for p in sorted(wanted)}  # fmt: skip
+    topk = get_preset("test_deformable_detr_tiny").postprocess.num_select
+    jobs[DEPLOY] = Job("test_deformable_detr_tiny", folder / "deploy.onnx",
+                       (("opset", 13), ("topk", topk)))  # fmt: skip
+    pool = ExportPool(jobs)
+    yield pool
+    pool.close()
 
 
 def _checked(exports: ExportPool, key: str):
@@ -66,7 +86,7 @@ def _checked(exports: ExportPool, key: str):
 
 @pytest.fixture(scope="module")
 def deformable_export(exports):
-    job, _, det = _checked(exports, DEFORMABLE)
+    job, _, det = _checked(exports, "test_deformable_detr_tiny")
     _compare(det, job.path)
     return det, job.path
 
@@ -103,7 +123,7 @@ def test_from_onnx_predicts_like_pytorch(deformable_export, runtime):
 def test_every_preset_exports_and_passes_the_check(preset, exports):
     """The export's own check runs onnxruntime, and OpenVINO (its IR) where installed."""
     job, checked, det = _checked(exports, preset)
-    expected = ["onnxruntime"] + (["openvino"] if ("format", "openvino") in job.options else [])
+    expected = ["onnxruntime"] + (["openvino"] if OPENVINO and job.options else [])
     assert [runtime for runtime, _, _ in checked.checks] == expected
     _compare(det, job.path)
 
