@@ -31,16 +31,24 @@ class Checked:
     error: str | None = None
 
 
+def seeded_detector(preset: str) -> Any:
+    """The preset with the random weights of seed 0, as every export here is made."""
+    import torch
+
+    from detrkit import Detector
+
+    torch.manual_seed(0)
+    return Detector.from_preset(preset, device="cpu")
+
+
 def run_job(job: Job) -> Checked:
     """Run in a worker process: export and check; a failing check is reported, not raised."""
     import torch
 
-    from detrkit import Detector
     from detrkit.export import ExportCheckError
 
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    det = Detector.from_preset(job.preset, device="cpu")
+    det = seeded_detector(job.preset)
     try:
         result = det.export(job.path, **dict(job.options))
     except ExportCheckError as err:

@@ -21,7 +21,7 @@ from detrkit.export.graph import example_inputs
 from detrkit.export.runtime import ExportedModel
 from detrkit.inference.postprocess import PostProcessor
 
-__all__ = ["CaseResult", "CheckResult", "check_export", "check_sizes"]
+__all__ = ["CaseResult", "CheckResult", "check_export", "check_sizes", "labels_agree"]
 
 
 @dataclass
@@ -75,7 +75,7 @@ def _stable(graph: nn.Module, feeds: dict[str, Tensor]) -> bool:
     return all((x.float() - y.float()).abs().max() < 0.05 for x, y in zip(a, b))
 
 
-def _labels_agree(labels: Tensor, ref_scores: Tensor, ref_labels: Tensor, tol: float) -> bool:
+def labels_agree(labels: Tensor, ref_scores: Tensor, ref_labels: Tensor, tol: float) -> bool:
     """Same labels at every rank ``[B, K]``, except where the reference score ties (within
     ``tol``) with a neighbouring rank, so that rounding may order the two either way."""
     differ = labels != ref_labels
@@ -99,7 +99,7 @@ def _compare(got: list[Tensor], ref: tuple[Tensor, ...], post: PostProcessor, ra
         diffs = {"scores": (got[0] - ref[0]).abs().max().item(),
                  "boxes_xyxy / size": ((got[2] - ref[2]).abs().max() / scale).item()}  # fmt: skip
         mine, theirs = got, ref
-    agree = _labels_agree(mine[1], theirs[0], theirs[1], tol)
+    agree = labels_agree(mine[1], theirs[0], theirs[1], tol)
     return diffs, agree
 
 
