@@ -16,11 +16,28 @@ from detrkit.presets import list_presets
 
 
 def test_the_default_is_every_full_size_preset():
-    presets = full_size_presets()
-    assert presets and set(presets) | {p for p in list_presets() if p.startswith("test_")} == set(
-        list_presets()
-    )
-    assert not any(p.startswith("test_") for p in presets)
+    from detrkit.export.speed import _parser
+
+    presets = _parser().parse_args([]).presets.split(",")
+    tiny = [p for p in list_presets() if p.startswith("test_")]
+    assert tiny and sorted(presets + tiny) == list_presets()
+    assert presets == full_size_presets()
+
+
+def test_a_failing_preset_keeps_the_other_rows(monkeypatch, capsys):
+    import detrkit.export.speed as speed
+
+    def bench(preset, *args):
+        if preset == "test_dab_detr_tiny":
+            raise RuntimeError("traced badly")
+        return SpeedRow(preset, {"eager": 2.0, "onnxruntime": 1.0}, {"onnxruntime": 1e-6})
+
+    monkeypatch.setattr(speed, "_bench_preset", bench)
+    monkeypatch.setattr(speed, "_runtimes", lambda: ["onnxruntime"])
+    assert run_export_benchmark(["--presets", "test_dab_detr_tiny,test_detr_tiny"]) == 1
+    table = capsys.readouterr().out.split("| preset |")[-1]
+    assert "| `test_dab_detr_tiny` | error: RuntimeError: traced badly |" in table
+    assert "| `test_detr_tiny` | 2.00 | 1.00 (2.00x, 1.0e-06) |" in table
 
 
 def test_the_table_shows_speed_ups_and_errors():
