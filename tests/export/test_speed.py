@@ -58,6 +58,7 @@ def test_unknown_presets_and_repeats_are_refused():
         run_export_benchmark(["--presets", "test_detr_tiny", "--repeat", "0"])
 
 
+@pytest.mark.slow  # an export and every runtime: about 35 s on two cores
 def test_a_run_times_each_runtime_on_a_file_equal_to_eager(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["--presets", "test_detr_tiny", "--size", "64", "96", "--repeat", "1"]
