@@ -14,10 +14,9 @@ normalisation happen inside; boxes come back in the pixels of the image as given
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,49 +24,15 @@ from PIL import Image
 from torch import Tensor, nn
 
 from detrkit.config import Config, ConfigError, apply_overrides, merge
-from detrkit.structures import LabelMap
+from detrkit.pretrained import convert_checkpoint
+from detrkit.structures import LabelMap, Prediction
+
+if TYPE_CHECKING:  # pragma: no cover
+    from detrkit.engine import FitResult
 
 __all__ = ["Detector", "Prediction", "ImageInput", "convert_checkpoint"]
 
 ImageInput = str | Path | Image.Image | np.ndarray | Tensor
-
-
-@dataclass
-class Prediction:
-    """The detections of one image, in the pixels of that image as it was given.
-
-    boxes_xyxy: ``[K, 4]`` float, absolute ``(x0, y0, x1, y1)``. scores: ``[K]``. labels:
-    ``[K]`` int64 contiguous class indices. names / category_ids: per detection, from the
-    label map. image_size: ``(h, w)`` of the image.
-    """
-
-    boxes_xyxy: Tensor
-    scores: Tensor
-    labels: Tensor
-    names: list[str]
-    category_ids: list[int]
-    image_size: tuple[int, int]
-
-    def __len__(self) -> int:
-        return int(self.scores.shape[0])
-
-    def to_coco(self, image_id: int) -> list[dict]:
-        """COCO results entries: ``image_id``, ``category_id``, ``bbox`` ``[x, y, w, h]``
-        (absolute pixels), ``score``."""
-        out = []
-        for box, score, cat in zip(
-            self.boxes_xyxy.tolist(), self.scores.tolist(), self.category_ids
-        ):
-            x0, y0, x1, y1 = box
-            out.append(
-                {
-                    "image_id": image_id,
-                    "category_id": int(cat),
-                    "bbox": [round(v, 3) for v in (x0, y0, x1 - x0, y1 - y0)],
-                    "score": round(float(score), 5),
-                }
-            )
-        return out
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -102,10 +67,15 @@ class Detector:
         label_map: LabelMap | None = None,
         device: str | torch.device = "auto",
     ) -> None:
+        self.device = _resolve_device(device)
+        self._attach(model, config, label_map)
+        # whether the class count was chosen (False: train() takes the data's)
+        self._classes_chosen = True
+
+    def _attach(self, model: nn.Module, config: Config, label_map: LabelMap | None) -> None:
         from detrkit.data.transforms import build_transforms
         from detrkit.inference.postprocess import build_postprocessor
 
-        self.device = _resolve_device(device)
         self.model = model.to(self.device).eval()
         self.config = config
         self.label_map = label_map or LabelMap.default(config.model.num_classes)
@@ -142,7 +112,9 @@ class Detector:
         if num_classes is not None:
             cfg = merge(cfg, {"model": {"num_classes": num_classes}})
         cfg = _with_overrides(cfg, overrides).validate()
-        return cls(build_model(cfg), cfg, LabelMap.default(cfg.model.num_classes), device)
+        detector = cls(build_model(cfg), cfg, LabelMap.default(cfg.model.num_classes), device)
+        detector._classes_chosen = num_classes is not None
+        return detector
 
     @classmethod
     def from_checkpoint(
@@ -176,6 +148,79 @@ class Detector:
 
         converted = load_official(path_or_state, official_args=official_args)
         return cls(converted.model, converted.config, converted.label_map, device)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        num_classes: int | None = None,
+        *,
+        device: str | torch.device = "auto",
+        verbose: bool = True,
+    ) -> Detector:
+        """Start from published or earlier weights: a detrkit checkpoint, an official ``.pth``
+        of any of the five code bases, or a Hugging Face model folder (``config.json`` +
+        ``model.safetensors`` of DETR, Deformable DETR or DAB-DETR).
+
+        num_classes: None keeps the weights' classes (and label map). Another count keeps
+        every tensor of the architecture and re-initialises the class heads (every decoder
+        layer, the encoder proposals; focal models with the prior-probability bias) and the
+        denoising label embedding; :meth:`train` then fine-tunes. With ``verbose`` the
+        transfer table (loaded / re-initialised / unused) is printed when something is not
+        loaded. Without num_classes, :meth:`train` takes the class count of its data.
+        """
+        from detrkit.pretrained import read_pretrained, start_model
+
+        weights = read_pretrained(path)
+        model, cfg, label_map, report = start_model(weights, num_classes)
+        if verbose and (report.reinitialised or report.unused):
+            print(report.table())
+        detector = cls(model, cfg, label_map, device)
+        detector._classes_chosen = num_classes is not None
+        return detector
+
+    def train(
+        self,
+        data: str | Path | None = None,
+        *,
+        epochs: int | None = None,
+        output_dir: str | Path = "runs/detrkit",
+        num_classes: int | None = None,
+        progress: bool = True,
+        overrides: Sequence[str] = (),
+    ) -> FitResult:
+        """Fine-tune this detector (the same engine as ``detrkit train``), starting from its
+        current weights.
+
+        data: a dataset folder (COCO, VOC) or a YOLO ``data.yaml``, its format detected
+        (``data.dataset``, ``data.format=auto``); None keeps ``config.data``. num_classes:
+        None takes the class count of the training data unless the detector was made with
+        one (its class heads are re-initialised when the count changes). overrides:
+        ``a.b=c`` strings on the config (``train.lr=5e-5``, ``train.batch_size=4``, ...).
+
+        Returns the :class:`~detrkit.engine.FitResult` (``history``: one row of losses and
+        COCO metrics per epoch, ``best_ap``, checkpoint paths). Afterwards the detector holds
+        the final weights, config and the data's label map.
+        """
+        from detrkit.engine import Trainer
+        from detrkit.engine.transfer import PretrainedWeights
+
+        sets = [f"train.output_dir={output_dir}"]
+        if data is not None:
+            sets += [f"data.dataset={data}", "data.format=auto"]
+        if epochs is not None:
+            sets.append(f"train.epochs={epochs}")
+        if num_classes is not None:
+            sets.append(f"model.num_classes={num_classes}")
+        cfg = apply_overrides(self.config, sets + list(overrides))
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        start = PretrainedWeights(state, self.config, self.label_map, "this Detector", "detrkit")
+        chosen = num_classes is not None or self._classes_chosen
+        trainer = Trainer(cfg, progress=progress, init=start, classes_from_data=not chosen)
+        result = trainer.fit()
+        self._attach(trainer.model, trainer.cfg, trainer.label_map)
+        self._classes_chosen = True
+        return result
 
     @classmethod
     def from_onnx(cls, path: str | Path, runtime: str = "onnxruntime") -> Detector:
@@ -339,41 +384,15 @@ class Detector:
 
 
 def _val_split(cfg: Config) -> tuple[Path, Path]:
-    """Images folder and annotation file of the validation set described by ``cfg.data``."""
-    d = cfg.data
-    if d.format == "synthetic":
-        from detrkit.data.synthetic import generate_shapes
+    """Images folder and COCO JSON of the validation set described by ``cfg.data`` (any
+    format; tiled when ``data.tiles`` says so)."""
+    from detrkit.data.build import build_datasets
 
-        paths = generate_shapes(Path(d.root), d.synthetic)  # a no-op when already there
-        return paths.val_images, paths.val_annotations
-    if d.val_images is None or d.val_annotations is None:
-        raise ConfigError("data.val_images / data.val_annotations: needed to evaluate")
-    return Path(d.val_images), Path(d.val_annotations)
+    val = build_datasets(cfg.data)[1]
+    return val.images_dir, val.annotations_file
 
 
 def _size_hw(image: Image.Image | Tensor) -> tuple[int, int]:
     if isinstance(image, Image.Image):
         return image.height, image.width
     return int(image.shape[-2]), int(image.shape[-1])
-
-
-def convert_checkpoint(
-    src: str | Path | Mapping[str, Any],
-    dst: str | Path,
-    official_args: Any = None,
-    label_map: LabelMap | None = None,
-) -> Path:
-    """Convert an official checkpoint into a detrkit checkpoint (``<dst>.safetensors`` +
-    ``<dst>.json`` with the resolved config and label map). Returns the JSON path."""
-    from detrkit.convert import load_official
-    from detrkit.engine.checkpoint import save_checkpoint
-
-    converted = load_official(src, official_args)
-    extra = {
-        "source": str(src) if not isinstance(src, Mapping) else "<state dict>",
-        "family": converted.family,
-        "official_args": converted.args,
-    }
-    return save_checkpoint(
-        dst, converted.model, converted.config, label_map or converted.label_map, extra=extra
-    )

@@ -6,6 +6,7 @@
     detrkit predict img1.jpg img2.jpg --checkpoint runs/tiny/checkpoint_best --out preds
     detrkit export --checkpoint runs/tiny/checkpoint_best --out model.onnx
     detrkit presets | convert SRC DST | check-data --images DIR --annotations FILE
+    detrkit check-data --dataset PATH [--format auto] | convert-data SRC --to yolo --out DIR
     detrkit bench msda|export [...] | demo [--out DIR]
 
 A mistake of the user (a bad config key or value, an unknown preset, a missing file, a broken
@@ -29,6 +30,7 @@ from detrkit.cli_common import (
     existing,
     reading,
 )
+from detrkit.cli_data import add_check_data, add_convert_data
 from detrkit.cli_deploy import add_export, add_predict
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,29 +61,50 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 # ----------------------------------------------------------------------------- commands
 
 
-def _train_config(args: argparse.Namespace) -> Config:
-    """The config of ``detrkit train``: --config / --preset / the checkpoint of --resume, then
-    --set, --output-dir and --device on top."""
-    from detrkit.config import apply_overrides
+def _train_config(args: argparse.Namespace, weights=None) -> tuple[Config, bool]:
+    """The config of ``detrkit train`` and whether it chose ``model.num_classes``:
+    --config / --preset / the weights of --init-from / the checkpoint of --resume, then
+    --data, --set, --output-dir and --device on top."""
+    from detrkit.config import apply_overrides, read_config_file
     from detrkit.presets import get_preset, load_config
 
-    overrides = list(args.set or [])
+    overrides = []
+    if args.data is not None:
+        overrides += [f"data.dataset={args.data}", "data.format=auto"]
+    overrides += list(args.set or [])
     if args.output_dir is not None:
         overrides.append(f"train.output_dir={args.output_dir}")
     if args.device is not None:
         overrides.append(f"train.device={args.device}")
+    chosen = any(item.split("=", 1)[0].strip() == "model.num_classes" for item in overrides)
     if args.config is not None:
-        return load_config(existing(args.config, "config file"), overrides)
+        path = existing(args.config, "config file")
+        chosen = chosen or "num_classes" in (read_config_file(path)[1].get("model") or {})
+        return _fitted(load_config(path, overrides, validate=False)), chosen
     if args.preset is not None:
-        return apply_overrides(get_preset(args.preset), overrides).validate()
+        return _fitted(apply_overrides(get_preset(args.preset), overrides)), chosen
+    if weights is not None:  # the architecture (and recipe) the weights were trained with
+        return _fitted(apply_overrides(weights.config, overrides)), chosen
     if args.resume is not None:  # continue with the config stored in the checkpoint
         from detrkit.engine.checkpoint import load_checkpoint
 
         stem = checkpoint_path(args.resume)
         with reading(stem):
             _, cfg, _, _ = load_checkpoint(stem)
-        return apply_overrides(cfg, overrides).validate()
-    raise UsageError("train: give --config FILE or --preset NAME (or --resume CHECKPOINT)")
+        return _fitted(apply_overrides(cfg, overrides)), True
+    raise UsageError(
+        "train: give --config FILE, --preset NAME or --init-from WEIGHTS (or --resume CHECKPOINT)"
+    )
+
+
+def _fitted(cfg: Config) -> Config:
+    """``cfg`` with the settings derived from the class count adapted (noted), validated."""
+    from detrkit.config import fit_to_classes
+
+    cfg, notes = fit_to_classes(cfg)
+    for note in notes:
+        print(f"note: {note}")
+    return cfg.validate()
 
 
 def _describe(cfg: Config) -> str:
@@ -110,9 +133,22 @@ def _describe(cfg: Config) -> str:
 def _cmd_train(args: argparse.Namespace) -> int:
     from detrkit.engine import Trainer
 
-    cfg = _train_config(args)
+    if args.init_from is not None and args.resume is not None:
+        raise UsageError(
+            "train: --init-from starts a new run from weights, --resume continues a run "
+            "(its checkpoint holds the weights); give one of them"
+        )
+    weights = None
+    if args.init_from is not None:
+        from detrkit.pretrained import read_pretrained
+
+        weights = read_pretrained(args.init_from)
+    cfg, chosen = _train_config(args, weights)
     resume = checkpoint_path(args.resume) if args.resume is not None else None
-    result = Trainer(cfg, progress=not args.quiet).fit(resume=resume)
+    trainer = Trainer(
+        cfg, progress=not args.quiet, init=weights, classes_from_data=not chosen and not resume
+    )
+    result = trainer.fit(resume=resume)
     print(f"done: {result.epochs} epochs, best AP {max(result.best_ap, 0.0):.4f}")
     print(
         f"  checkpoints: {result.last_checkpoint}.safetensors"
@@ -170,16 +206,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_check_data(args: argparse.Namespace) -> int:
-    images = existing(args.images, "image folder")
-    annotations = existing(args.annotations, "annotation file")
-    from detrkit.data.check import check_dataset
-
-    report = check_dataset(images, annotations)
-    print(report)
-    return 0
-
-
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "export":
         from detrkit.export.speed import run_export_benchmark
@@ -212,6 +238,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--config", metavar="FILE", help="YAML config (may name a 'preset')")
     source.add_argument("--preset", metavar="NAME", help="start from a preset (see 'presets')")
     add_set_option(p, "override a config value, e.g. --set train.epochs=12 (repeatable)")
+    p.add_argument(
+        "--init-from",
+        metavar="WEIGHTS",
+        help="start from weights: a detrkit checkpoint, an official .pth or a Hugging Face "
+        "folder; the class heads are re-initialised when the class count differs (without "
+        "--preset/--config the run uses the weights' architecture)",
+    )
+    p.add_argument(
+        "--data",
+        metavar="DATASET",
+        help="a COCO or VOC dataset folder or a YOLO data.yaml, format detected "
+        "(same as --set data.dataset=DATASET --set data.format=auto)",
+    )
     p.add_argument("--output-dir", metavar="DIR", help="same as --set train.output_dir=DIR")
     p.add_argument(
         "--resume",
@@ -251,13 +290,6 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_convert)
 
 
-def _add_check_data(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("check-data", help="validate a COCO-format dataset")
-    p.add_argument("--images", required=True, metavar="DIR")
-    p.add_argument("--annotations", required=True, metavar="FILE")
-    p.set_defaults(func=_cmd_check_data)
-
-
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks ('bench msda --help', 'bench export --help')")
     p.add_argument("what", choices=["msda", "export"])
@@ -290,7 +322,8 @@ _SUBCOMMANDS = (
     add_export,
     _add_presets,
     _add_convert,
-    _add_check_data,
+    add_check_data,
+    add_convert_data,
     _add_bench,
     _add_demo,
 )

@@ -2,6 +2,7 @@
 
 detrkit predict img1.jpg img2.jpg --checkpoint runs/tiny/checkpoint_best --out preds
 detrkit predict img1.jpg --onnx model.onnx --out preds
+detrkit predict big.tif --checkpoint runs/trees/checkpoint_best --out preds --tile 400 --merge fusion
 detrkit export --checkpoint runs/tiny/checkpoint_best --out model.onnx [--postprocess topk=100]
 """
 
@@ -29,16 +30,51 @@ def _detector(args: argparse.Namespace):
         return Detector.from_checkpoint(stem, device=args.device)
 
 
+def _check_tiling(args: argparse.Namespace) -> None:
+    """One-line errors for bad --tile / --overlap / --merge-iou values."""
+    if args.tile is not None and args.tile < 1:
+        raise UsageError(f"--tile: must be a positive number of pixels, got {args.tile}")
+    if args.tile is None:
+        given = [
+            n for n, v in (("--overlap", args.overlap), ("--merge", args.merge)) if v is not None
+        ]
+        if given or args.full_image:
+            raise UsageError(f"{(given or ['--full-image'])[0]}: only applies with --tile SIZE")
+    if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
+        raise UsageError(f"--overlap: must be in [0, 1), got {args.overlap}")
+    if not 0.0 <= args.merge_iou <= 1.0:
+        raise UsageError(f"--merge-iou: must be in [0, 1], got {args.merge_iou}")
+
+
+def _predict_one(detector, path: Path, args: argparse.Namespace):
+    """The detections of one image: whole, or tile by tile with --tile."""
+    if args.tile is None:
+        return detector.predict(path, threshold=args.threshold)[0]
+    from detrkit.inference.sliced import predict_sliced
+
+    return predict_sliced(
+        detector,
+        path,
+        args.tile,
+        0.2 if args.overlap is None else args.overlap,
+        merge=args.merge or "nms",
+        iou_threshold=args.merge_iou,
+        threshold=args.threshold,
+        full_image=args.full_image,
+    )
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from detrkit.viz import draw_detections, to_pil
 
+    _check_tiling(args)
     paths = [existing(p, "image") for p in args.images]
     detector = _detector(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for index, path in enumerate(paths):
-        (pred,) = detector.predict(path, threshold=args.threshold)
+        pred = _predict_one(detector, path, args)
         results.extend({**r, "file_name": str(path)} for r in pred.to_coco(image_id=index))
         image = draw_detections(
             to_pil(detector.read_image(path)), pred.boxes_xyxy, pred.labels, pred.scores, pred.names
@@ -63,6 +99,18 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--threshold", type=float, default=0.5, help="minimum score (0.5)")
     p.add_argument("--device", default="auto", help="for --checkpoint (--onnx runs on the CPU)")
+    tiling = p.add_argument_group("sliced inference (large images)")
+    tiling.add_argument("--tile", type=int, metavar="SIZE",
+                        help="detect on SIZE x SIZE tiles of each image, then merge")  # fmt: skip
+    tiling.add_argument("--overlap", type=float, metavar="F",
+                        help="fraction of the tile side neighbouring tiles share (0.2)")  # fmt: skip
+    tiling.add_argument("--merge", choices=["nms", "fusion"],
+                        help="merge duplicates across tiles: class-wise NMS or weighted box "
+                        "fusion (nms)")  # fmt: skip
+    tiling.add_argument("--merge-iou", type=float, default=0.5, metavar="F",
+                        help="IoU above which two boxes of a class are duplicates (0.5)")  # fmt: skip
+    tiling.add_argument("--full-image", action="store_true",
+                        help="also detect on the whole image and merge it in")  # fmt: skip
     p.set_defaults(func=_cmd_predict)
 
 

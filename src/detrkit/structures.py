@@ -27,6 +27,7 @@ __all__ = [
     "DetectorOutput",
     "Detections",
     "LabelMap",
+    "Prediction",
 ]
 
 
@@ -220,3 +221,41 @@ class LabelMap:
     @classmethod
     def default(cls, num_classes: int) -> LabelMap:
         return cls(list(range(num_classes)), [f"class_{i}" for i in range(num_classes)])
+
+
+@dataclass
+class Prediction:
+    """The detections of one image, in the pixels of that image as it was given.
+
+    boxes_xyxy: ``[K, 4]`` float, absolute ``(x0, y0, x1, y1)``. scores: ``[K]``. labels:
+    ``[K]`` int64 contiguous class indices. names / category_ids: per detection, from the
+    label map. image_size: ``(h, w)`` of the image.
+    """
+
+    boxes_xyxy: Tensor
+    scores: Tensor
+    labels: Tensor
+    names: list[str]
+    category_ids: list[int]
+    image_size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    def to_coco(self, image_id: int) -> list[dict]:
+        """COCO results entries: ``image_id``, ``category_id``, ``bbox`` ``[x, y, w, h]``
+        (absolute pixels), ``score``."""
+        out = []
+        for box, score, cat in zip(
+            self.boxes_xyxy.tolist(), self.scores.tolist(), self.category_ids
+        ):
+            x0, y0, x1, y1 = box
+            out.append(
+                {
+                    "image_id": image_id,
+                    "category_id": int(cat),
+                    "bbox": [round(v, 3) for v in (x0, y0, x1 - x0, y1 - y0)],
+                    "score": round(float(score), 5),
+                }
+            )
+        return out

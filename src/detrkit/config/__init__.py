@@ -35,8 +35,10 @@ from detrkit.config.schema import (
     MatcherConfig,
     PostprocessConfig,
     SyntheticConfig,
+    TileConfig,
     TrainConfig,
 )
+from detrkit.config.validate import fit_to_classes
 
 __all__ = [
     "BackboneConfig",
@@ -53,6 +55,7 @@ __all__ = [
     "SyntheticConfig",
     "AugmentConfig",
     "DataConfig",
+    "TileConfig",
     "TrainConfig",
     "Config",
     "ConfigError",
@@ -63,4 +66,5 @@ __all__ = [
     "apply_overrides",
     "read_config_file",
     "save_config",
+    "fit_to_classes",
 ]

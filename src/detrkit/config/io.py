@@ -51,11 +51,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: bad value {value!r}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item_tp, *_) = typing.get_args(tp) or (Any,)
-        return [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (list, tuple, dict):
+        return _coerce_container(value, tp, key)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -87,6 +84,25 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")  # pragma: no cover
+
+
+def _coerce_container(value: Any, tp: Any, key: str) -> Any:
+    """:func:`coerce` for ``list[...]`` / ``tuple[...]`` / ``dict[..., ...]`` annotations."""
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        return {
+            coerce(k, key_tp, f"{key} key"): coerce(v, value_tp, f"{key}.{k}")
+            for k, v in value.items()
+        }
     raise ConfigError(f"{key}: unsupported field type {tp!r}")  # pragma: no cover
 
 
@@ -127,6 +143,8 @@ def merge(base: Any, data: dict, prefix: str = "") -> Any:
         current = getattr(base, k)
         if dataclasses.is_dataclass(current) and isinstance(v, dict):
             updates[k] = merge(current, v, key)
+        elif isinstance(current, dict) and isinstance(v, dict):  # entries added / replaced
+            updates[k] = {**current, **coerce(v, hints[k], key)}
         else:
             updates[k] = coerce(v, hints[k], key)
     return dataclasses.replace(base, **updates)

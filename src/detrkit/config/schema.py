@@ -19,6 +19,7 @@ __all__ = [
     "PostprocessConfig",
     "SyntheticConfig",
     "AugmentConfig",
+    "TileConfig",
     "DataConfig",
     "TrainConfig",
     "Config",
@@ -87,16 +88,40 @@ class AugmentConfig:
 
 
 @dataclass
-class DataConfig:
-    """Where the images and annotations are, and how they are loaded and normalised."""
+class TileConfig:
+    """Training and validating on square tiles of large images (off while ``size`` is null)."""
 
-    format: Literal["synthetic", "coco"] = "synthetic"
+    size: int | None = None  # tile side in pixels of the original image; null: no tiling
+    overlap: float = 0.2  # fraction of the tile side that neighbouring tiles share, in [0, 1)
+    # a box cut by a tile edge is kept (clipped) when this fraction of its area lies inside
+    min_visibility: float = 0.5
+    # tiles without any box kept, as a fraction of the tiles with boxes (chosen by seed)
+    empty_ratio: float = 0.1
+    val: bool = True  # tile the validation images too (false: evaluate on whole images)
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where the images and annotations are, and how they are loaded and normalised.
+
+    A dataset is named either by ``dataset`` (a COCO or VOC folder, or a YOLO ``data.yaml``;
+    the splits are found by the format's conventions) or by the four explicit
+    ``{train,val}_{images,annotations}`` fields. ``auto`` detects the format from the layout.
+    """
+
+    format: Literal["synthetic", "coco", "voc", "yolo", "auto"] = "synthetic"
     root: str = "data/shapes"  # synthetic: where the generated dataset is written
+    dataset: str | None = None
     train_images: str | None = None
     train_annotations: str | None = None
     val_images: str | None = None
     val_annotations: str | None = None
+    # class names mapped before indexing (VOC / YOLO names, COCO category names), for
+    # instance {"Alive": "Tree", "Dead": "Tree"}
+    rename: dict[str, str] = field(default_factory=dict)
     num_workers: int = 0
+    tiles: TileConfig = field(default_factory=TileConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])

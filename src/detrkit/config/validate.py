@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from detrkit.config.data_rules import check_data
 from detrkit.config.errors import ConfigError, require
 from detrkit.config.model import ModelConfig
 
@@ -22,6 +23,7 @@ __all__ = [
     "ModelRule",
     "MODEL_RULES",
     "validate_model",
+    "fit_to_classes",
     "validate_config",
     "uses_proposals",
     "has_box_queries",
@@ -277,6 +279,27 @@ def validate_model(m: ModelConfig) -> None:
             raise ConfigError(f"{rule.key}: does not apply with {rule.other} as set: {rule.why}")
 
 
+def fit_to_classes(cfg: Config) -> tuple[Config, list[str]]:
+    """Adapt the settings derived from the class count to it, with a note for each change.
+
+    Today one: a top-k ``postprocess.num_select`` larger than the (query, class) pairs it
+    selects from (a preset made for 91 COCO classes run on one or two) becomes the number of
+    pairs. Returns the adapted copy and the notes (empty when nothing changed)."""
+    import dataclasses
+
+    ns, m = cfg.postprocess.num_select, cfg.model
+    pairs = m.queries.num_queries * max(m.queries.num_patterns, 1) * m.num_classes
+    if ns is None or ns <= pairs or m.class_activation == "softmax":
+        return cfg, []
+    note = (
+        f"postprocess.num_select: {ns} exceeds the {pairs} (query, class) pairs of "
+        f"{m.queries.num_queries * max(m.queries.num_patterns, 1)} queries x {m.num_classes} "
+        f"classes; using {pairs}"
+    )
+    post = dataclasses.replace(cfg.postprocess, num_select=pairs)
+    return dataclasses.replace(cfg, postprocess=post), [note]
+
+
 def validate_config(cfg: Config) -> None:
     """Every rule of the tree: the model, then loss, post-processing, training and data."""
     m = cfg.model
@@ -312,19 +335,4 @@ def validate_config(cfg: Config) -> None:
         "train.device",
         f"expected auto, cpu, cuda or cuda:N, got '{tr.device}'",
     )
-    d = cfg.data
-    require(
-        len(d.mean) == 3 and len(d.std) == 3,
-        "data.mean",
-        "data.mean and data.std need 3 values (RGB)",
-    )
-    if d.format == "coco":
-        for key in ("train_images", "train_annotations", "val_images", "val_annotations"):
-            require(getattr(d, key) is not None, f"data.{key}", "required when data.format=coco")
-    s = d.synthetic
-    require(
-        1 <= s.min_objects <= s.max_objects,
-        "data.synthetic.min_objects",
-        "need 1 <= min_objects <= max_objects",
-    )
-    require(len(d.augment.crop_size) == 2, "data.augment.crop_size", "needs [min, max]")
+    check_data(cfg.data)

@@ -4,6 +4,7 @@
 DAB-DETR, DN-DETR, DINO); one module per upstream family does the key mapping.
 """
 
+from detrkit.convert.huggingface import is_huggingface_dir, load_huggingface
 from detrkit.convert.keymap import ConversionError
 from detrkit.convert.official import (
     FamilyConverter,
@@ -27,6 +28,8 @@ __all__ = [
     "coco_label_map",
     "detect_family",
     "from_official",
+    "is_huggingface_dir",
+    "load_huggingface",
     "load_official",
     "official_to_config",
     "read_checkpoint",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from detrkit.data.coco import CocoDetection
 from detrkit.data.collate import collate
 from detrkit.data.synthetic import generate_shapes
 from detrkit.data.transforms import build_transforms
+from detrkit.structures import LabelMap
 
 __all__ = ["build_datasets", "build_loader"]
 
@@ -21,33 +23,85 @@ def build_datasets(data: DataConfig) -> tuple[CocoDetection, CocoDetection]:
     validation resize on val. The val set uses the train set's label map.
 
     ``format="synthetic"`` first generates the shapes dataset under ``data.root`` (a no-op
-    when it is already there with the same settings); ``format="coco"`` reads
-    ``data.{train,val}_{images,annotations}``.
+    when it is already there with the same settings). ``coco`` / ``voc`` / ``yolo`` / ``auto``
+    read ``data.dataset`` and / or ``data.{train,val}_{images,annotations}``
+    (:func:`~detrkit.data.discover.resolve_splits`), converted to COCO JSON where needed
+    (:func:`~detrkit.data.formats.split_to_coco`; ``annotations_file`` is what the COCO
+    evaluator reads), with ``data.rename`` applied; ``auto`` prints one line saying what it
+    found. Every format gives :class:`CocoDetection` (targets: normalised cxcywh boxes).
     """
-    if data.format == "synthetic":
-        paths = generate_shapes(Path(data.root), data.synthetic)
-        train_images, train_ann = paths.train_images, paths.train_annotations
-        val_images, val_ann = paths.val_images, paths.val_annotations
-    else:
-        for key in ("train_images", "train_annotations", "val_images", "val_annotations"):
-            if getattr(data, key) is None:
-                raise ConfigError(f"data.{key}: required when data.format=coco")
-        train_images, train_ann = Path(data.train_images), Path(data.train_annotations)
-        val_images, val_ann = Path(data.val_images), Path(data.val_annotations)
+    train_tf = build_transforms(data.augment, data.mean, data.std, train=True)
+    val_tf = build_transforms(data.augment, data.mean, data.std, train=False)
+    train_split, val_split = _splits(data)
+    if data.tiles.size is not None:
+        train_split = _tiled(train_split, data, all_tiles=False)
+        if data.tiles.val:
+            val_split = _tiled(val_split, data, all_tiles=True)
     train = CocoDetection(
-        train_images,
-        train_ann,
-        build_transforms(data.augment, data.mean, data.std, train=True),
+        train_split.images_dir,
+        train_split.annotations_file,
+        train_tf,
         train=True,
+        label_map=train_split.label_map,
+        source=train_split.source,
     )
     val = CocoDetection(
-        val_images,
-        val_ann,
-        build_transforms(data.augment, data.mean, data.std, train=False),
+        val_split.images_dir,
+        val_split.annotations_file,
+        val_tf,
         train=False,
         label_map=train.label_map,
+        source=val_split.source,
     )
     return train, val
+
+
+@dataclass
+class _Split:
+    """One split as COCO: image folder, COCO JSON, label map (None: from the JSON) and the
+    file that repair messages name (None: the JSON)."""
+
+    images_dir: Path
+    annotations_file: Path
+    label_map: LabelMap | None = None
+    source: str | None = None
+
+
+def _splits(data: DataConfig) -> tuple[_Split, _Split]:
+    """The train and val splits of ``data`` as COCO (generated, read or converted)."""
+    if data.format == "synthetic":
+        if data.dataset:
+            raise ConfigError(
+                "data.dataset: set data.format=auto (or coco, voc, yolo) to read a dataset; "
+                "data.format=synthetic generates one"
+            )
+        paths = generate_shapes(Path(data.root), data.synthetic)
+        return (
+            _Split(paths.train_images, paths.train_annotations),
+            _Split(paths.val_images, paths.val_annotations),
+        )
+    from detrkit.data.discover import resolve_splits
+    from detrkit.data.formats import split_to_coco
+
+    splits = resolve_splits(data)
+    if splits.note:
+        print(splits.note)
+    train = split_to_coco(splits.train, data.rename)
+    val = split_to_coco(splits.val, data.rename, train.label_map)
+    return (
+        _Split(train.images_dir, train.annotations_file, train.label_map, train.source),
+        _Split(val.images_dir, val.annotations_file, train.label_map, val.source),
+    )
+
+
+def _tiled(split: _Split, data: DataConfig, all_tiles: bool) -> _Split:
+    """The split cut into ``data.tiles`` tiles (cached; every tile of a validation split)."""
+    from detrkit.data.tiles import tile_coco
+
+    images_dir, annotations = tile_coco(
+        split.images_dir, split.annotations_file, data.tiles, all_tiles=all_tiles
+    )
+    return _Split(images_dir, annotations, split.label_map, split.source)
 
 
 def build_loader(

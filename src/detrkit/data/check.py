@@ -1,4 +1,4 @@
-"""``detrkit check-data``: validate a COCO (or Pascal VOC) dataset and summarise it."""
+"""``detrkit check-data``: validate a COCO, Pascal VOC or YOLO dataset and summarise it."""
 
 from __future__ import annotations
 
@@ -8,11 +8,40 @@ from pathlib import Path
 
 import numpy as np
 
+from detrkit.config import DataConfig
 from detrkit.data.coco import CocoIndex, load_coco_index
 from detrkit.data.errors import DatasetWarning
 from detrkit.data.voc import voc_to_coco
 
-__all__ = ["check_dataset"]
+__all__ = ["check_dataset", "check_splits"]
+
+
+def check_splits(data: DataConfig) -> str:
+    """Validate the train and val splits that ``data`` names (format coco / voc / yolo /
+    auto, ``data.dataset`` or the explicit fields, ``data.rename`` applied) exactly as
+    :func:`~detrkit.data.build.build_datasets` would, and return one report per split (see
+    :func:`check_dataset`), the val split indexed with the train split's label map."""
+    from detrkit.data.discover import resolve_splits
+    from detrkit.data.formats import split_to_coco
+
+    splits = resolve_splits(data)
+    parts = [splits.note] if splits.note else []
+    label_map = None
+    for name, spec in (("train", splits.train), ("val", splits.val)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DatasetWarning)
+            coco = split_to_coco(spec, data.rename, label_map)
+            notes = [str(w.message) for w in caught if issubclass(w.category, DatasetWarning)]
+            index = load_coco_index(
+                coco.images_dir,
+                coco.annotations_file,
+                label_map=label_map or coco.label_map,
+                source=coco.source,
+            )
+        label_map = index.label_map
+        parts.append(f"== {name} ({splits.format})\n" + _report(index, coco.source))
+        parts.extend(f"note:        {n}" for n in notes)
+    return "\n".join(parts)
 
 
 def check_dataset(images_dir: str | Path, annotations_file: str | Path) -> str:
@@ -35,6 +64,15 @@ def check_dataset(images_dir: str | Path, annotations_file: str | Path) -> str:
                 return _report(index, f"{source} (Pascal VOC)")
         index = load_coco_index(images_dir, source, check_image_sizes=True)
         return _report(index, str(source))
+
+
+def _id_quirks(ids: list[int]) -> str:
+    notes = []
+    if 0 in ids:
+        notes.append("id 0 is a class, not background")
+    if ids and ids != list(range(ids[0], ids[0] + len(ids))):
+        notes.append(f"sparse ids {ids[0]}..{ids[-1]}")
+    return "; " + ", ".join(notes) if notes else ""
 
 
 def _report(index: CocoIndex, source: str) -> str:
@@ -61,7 +99,7 @@ def _report(index: CocoIndex, source: str) -> str:
         f"annotations: {index.num_annotations} ({num_boxes} boxes used for training, "
         f"{num_crowd} crowd, {dropped} dropped)",
         f"classes:     {num_classes} (category ids mapped to indices 0..{num_classes - 1} "
-        "in ascending id order)",
+        f"in ascending id order{_id_quirks(index.label_map.category_ids)})",
     ]
     name_width = max([len(n) for n in index.label_map.names] + [4])
     lines.append(f"  {'index':>5}  {'id':>6}  {'name':<{name_width}}  {'boxes':>7}  {'images':>7}")

@@ -56,7 +56,7 @@ class CocoDetection(Dataset):
 
     train: whether this is a training split (recorded as ``self.train``; targets are built the
     same way in both cases). label_map: use this class mapping (e.g. the training set's)
-    instead of the file's own. check_image_sizes: see :func:`load_coco_index`.
+    instead of the file's own. check_image_sizes, source: see :func:`load_coco_index`.
     """
 
     def __init__(
@@ -68,9 +68,14 @@ class CocoDetection(Dataset):
         train: bool,
         label_map: LabelMap | None = None,
         check_image_sizes: bool = True,
+        source: str | None = None,
     ) -> None:
         self.index = load_coco_index(
-            images_dir, annotations_file, label_map=label_map, check_image_sizes=check_image_sizes
+            images_dir,
+            annotations_file,
+            label_map=label_map,
+            check_image_sizes=check_image_sizes,
+            source=source,
         )
         self.images_dir = self.index.images_dir
         self.annotations_file = self.index.annotations_file

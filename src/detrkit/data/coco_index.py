@@ -7,7 +7,8 @@ reported by one :class:`DatasetWarning` naming the file and counting the cases:
 
 * fatal (``DatasetError``): missing file, malformed JSON (line and column), missing
   ``images`` / ``annotations`` / ``categories``, malformed entries (ids that are not integers,
-  a ``bbox`` that is not four finite numbers), duplicate image or category ids, no categories,
+  a ``bbox`` that is not four finite numbers), duplicate image, category or annotation ids,
+  no categories,
   an annotation pointing at an unknown image id or category id, image files missing from the
   folder (all are checked; the first missing one and the count are named), unreadable images.
 * repaired (``DatasetWarning``): boxes with non-positive width or height are dropped; boxes
@@ -264,6 +265,7 @@ class _Annotations:
         )
         self.clipped = _Problems("clipped {n} boxes extending outside their image")
         self.outside = _Problems("dropped {n} boxes lying entirely outside their image")
+        self.seen_ids: set[int] = set()
         self.boxes: dict[int, list[list[float]]] = {i: [] for i in records}
         self.labels: dict[int, list[int]] = {i: [] for i in records}
 
@@ -299,6 +301,14 @@ class _Annotations:
     def add(self, i: int, ann: Any) -> None:
         """Check ``annotations[i]`` and keep its box unless it is crowd or dropped."""
         where, image_id, category_id = self._ids(i, ann)
+        ann_id = ann.get("id")
+        if isinstance(ann_id, int):
+            if ann_id in self.seen_ids:
+                raise DatasetError(
+                    f"{self.file}: annotation id {ann_id} appears twice in 'annotations' "
+                    "(annotation ids must be unique; renumber them)"
+                )
+            self.seen_ids.add(ann_id)
         x, y, w, h = _bbox(self.file, ann, where)
         record = self.records[image_id]
         if ann.get("iscrowd", 0):
@@ -332,13 +342,16 @@ def load_coco_index(
     *,
     label_map: LabelMap | None = None,
     check_image_sizes: bool = True,
+    source: str | None = None,
 ) -> CocoIndex:
     """Read and validate a COCO annotation file and its image folder (see the module docstring).
 
     label_map: map categories to these class indices (a validation set uses the training
     set's map); default: the file's categories sorted by id -> ``0 .. C-1``.
     check_image_sizes: read every image header to compare with the JSON's width/height (a
-    header read per image; images are also checked when they are read).
+    header read per image; images are also checked when they are read). source: the name of
+    the user's files in repair messages when ``annotations_file`` is a conversion of them (the
+    conversion's own repairs, ``info.detrkit_repairs`` in the JSON, are reported too).
     """
     file, images_dir = Path(annotations_file), Path(images_dir)
     if not images_dir.is_dir():
@@ -358,9 +371,13 @@ def load_coco_index(
         annotations.add(i, ann)
     annotations.store()
 
+    info = data.get("info")
     repairs = []
+    noted = info.get("detrkit_repairs", []) if isinstance(info, dict) else []
+    messages: list[str | None] = [f"{source or file}: {m}" for m in noted]
     for problem in (size_fix, *annotations.problems):
-        message = problem.message(file)
+        messages.append(problem.message(Path(source) if source else file))
+    for message in messages:
         if message is not None:
             warnings.warn(message, DatasetWarning, stacklevel=3)
             repairs.append(message)

@@ -103,13 +103,24 @@ def read_voc_xml(xml_path: str | Path) -> VocAnnotation:
         if box is None:
             raise DatasetError(f"{xml_path}: {where} has no <bndbox>")
         difficult = obj.find("difficult")
+        line = getattr(obj, "sourceline", None)
+        xmin, ymin, xmax, ymax = (
+            _number(box, tag, xml_path, f"{where} <bndbox>")
+            for tag in ("xmin", "ymin", "xmax", "ymax")
+        )
+        for lo, hi, axis in ((xmin, xmax, "x"), (ymin, ymax, "y")):
+            if hi < lo:
+                raise DatasetError(
+                    f"{xml_path}: {where}{f' (line {line})' if line else ''} has "
+                    f"{axis}max={hi:g} < {axis}min={lo:g}; fix or remove the box"
+                )
         objects.append(
             VocObject(
                 _text(obj, "name", xml_path, where),
-                *(
-                    _number(box, tag, xml_path, f"{where} <bndbox>")
-                    for tag in ("xmin", "ymin", "xmax", "ymax")
-                ),
+                xmin,
+                ymin,
+                xmax,
+                ymax,
                 difficult=difficult is not None and (difficult.text or "").strip() == "1",
             )
         )
@@ -117,8 +128,13 @@ def read_voc_xml(xml_path: str | Path) -> VocAnnotation:
 
 
 def _xml_files(annotations: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The XML files of a folder, one XML file, a ``.txt`` list of image ids (VOC ImageSets:
+    ``<id>.xml`` in the ``Annotations`` folder beside ``ImageSets``, or beside the list), or a
+    list of XML paths."""
     if isinstance(annotations, (str, Path)):
         path = Path(annotations)
+        if path.suffix.lower() == ".txt" and path.is_file():
+            return _listed_xml_files(path)
         if path.is_dir():
             files = sorted(path.glob("*.xml"))
             if not files:
@@ -131,7 +147,29 @@ def _xml_files(annotations: str | Path | Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def _find_image(images_dir: Path, ann: VocAnnotation) -> str:
+def _listed_xml_files(list_file: Path) -> list[Path]:
+    ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DatasetError(f"{list_file}: the list of image ids is empty")
+    folders = [list_file.parent]
+    if len(list_file.parents) > 2 and list_file.parents[1].name == "ImageSets":
+        folders.insert(0, list_file.parents[2] / "Annotations")
+    for folder in folders:
+        if (folder / f"{ids[0]}.xml").is_file():
+            missing = [i for i in ids if not (folder / f"{i}.xml").is_file()]
+            if missing:
+                raise DatasetError(
+                    f"{list_file}: {len(missing)} listed ids have no XML in {folder} "
+                    f"(first: {missing[0]})"
+                )
+            return [folder / f"{i}.xml" for i in ids]
+    raise DatasetError(
+        f"{list_file}: no '{ids[0]}.xml' for the first listed id (looked in "
+        f"{', '.join(str(f) for f in folders)})"
+    )
+
+
+def _find_image(images_dir: Path, ann: VocAnnotation, fallbacks: list[str] | None = None) -> str:
     direct = images_dir / ann.filename
     if direct.is_file():
         return ann.filename
@@ -139,11 +177,40 @@ def _find_image(images_dir: Path, ann: VocAnnotation) -> str:
         for ext in _IMAGE_EXTENSIONS:
             for candidate in (f"{stem}{ext}", f"{stem}{ext.upper()}"):
                 if (images_dir / candidate).is_file():
+                    if fallbacks is not None:
+                        fallbacks.append(f"{ann.xml_path.name}: {ann.filename} -> {candidate}")
                     return candidate
     raise DatasetError(
         f"{ann.xml_path}: image '{ann.filename}' not found in {images_dir} "
         "(nor an image with the same stem)"
     )
+
+
+def _coco_annotation(
+    ann: VocAnnotation,
+    obj: VocObject,
+    rename: Mapping[str, str],
+    category_of: Mapping[str, int],
+    image_id: int,
+    ann_id: int,
+) -> dict:
+    """One VOC object as a COCO annotation (absolute xywh from 1-based inclusive corners)."""
+    name = rename.get(obj.name, obj.name)
+    if name not in category_of:
+        raise DatasetError(
+            f"{ann.xml_path}: class '{name}' is not in class_names "
+            f"{list(category_of)}; add it or map it with rename"
+        )
+    x0, y0 = obj.xmin - 1.0, obj.ymin - 1.0
+    w, h = obj.xmax - x0, obj.ymax - y0
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category_of[name],
+        "bbox": [x0, y0, w, h],
+        "area": max(w, 0.0) * max(h, 0.0),
+        "iscrowd": int(obj.difficult),
+    }
 
 
 def voc_to_coco(
@@ -166,32 +233,22 @@ def voc_to_coco(
         raise DatasetError(f"voc_to_coco: class_names has duplicates: {names}")
     category_of = {name: i + 1 for i, name in enumerate(names)}
     images, anns = [], []
+    fallbacks: list[str] = []
     for image_id, ann in enumerate(parsed, start=1):
-        entry: dict = {"id": image_id, "file_name": _find_image(images_dir, ann)}
+        entry: dict = {"id": image_id, "file_name": _find_image(images_dir, ann, fallbacks)}
         if ann.width is not None and ann.height is not None:
             entry.update(width=ann.width, height=ann.height)
         images.append(entry)
         for obj in ann.objects:
-            name = rename.get(obj.name, obj.name)
-            if name not in category_of:
-                raise DatasetError(
-                    f"{ann.xml_path}: class '{name}' is not in class_names "
-                    f"{names}; add it or map it with rename"
-                )
-            x0, y0 = obj.xmin - 1.0, obj.ymin - 1.0
-            w, h = obj.xmax - x0, obj.ymax - y0
-            anns.append(
-                {
-                    "id": len(anns) + 1,
-                    "image_id": image_id,
-                    "category_id": category_of[name],
-                    "bbox": [x0, y0, w, h],
-                    "area": max(w, 0.0) * max(h, 0.0),
-                    "iscrowd": int(obj.difficult),
-                }
-            )
+            anns.append(_coco_annotation(ann, obj, rename, category_of, image_id, len(anns) + 1))
+    info: dict = {"description": "converted from Pascal VOC XML by detrkit"}
+    if fallbacks:  # reported by load_coco_index with its own repairs
+        info["detrkit_repairs"] = [
+            f"{len(fallbacks)} XML files name an image that is not in {images_dir}; used the "
+            f"image with the same stem (first: {fallbacks[0]})"
+        ]
     data = {
-        "info": {"description": "converted from Pascal VOC XML by detrkit"},
+        "info": info,
         "licenses": [],
         "images": images,
         "annotations": anns,

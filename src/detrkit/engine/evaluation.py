@@ -59,6 +59,7 @@ class CocoEvaluator:
         self.label_map = label_map
         self._image_ids = set(self.coco_gt.getImgIds())
         self.results: list[dict] = []
+        self.unlabelled = 0  # detections of class indices beyond the label map, left out
         self.evaluated_ids: list[int] = []
 
     def update(self, image_ids: list[int], detections: list[Detections]) -> None:
@@ -87,16 +88,14 @@ class CocoEvaluator:
             xywh = boxes.clone()
             xywh[:, 2:] = boxes[:, 2:] - boxes[:, :2]  # [K, 4] (x, y, w, h)
             labels = det.labels.detach().cpu().tolist()
-            bad = [lab for lab in labels if not 0 <= lab < len(category_ids)]
-            if bad:
-                raise ValueError(
-                    f"CocoEvaluator.update: class index {bad[0]} has no entry in "
-                    f"the label map ({len(category_ids)} classes); the model and "
-                    "the dataset disagree on num_classes"
-                )
             for box, score, label in zip(
                 xywh.tolist(), det.scores.detach().float().cpu().tolist(), labels
             ):
+                if not 0 <= label < len(category_ids):
+                    # a class the dataset does not have (model.num_classes above the data's):
+                    # it has no ground truth, so COCO would ignore it anyway
+                    self.unlabelled += 1
+                    continue
                 self.results.append(
                     {
                         "image_id": image_id,

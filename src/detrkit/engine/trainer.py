@@ -12,6 +12,7 @@ What a run writes into ``cfg.train.output_dir``:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from detrkit.config import Config, ConfigError, save_config
+from detrkit.config import Config, ConfigError, fit_to_classes, save_config
 from detrkit.engine.distributed import (
     barrier,
     init_distributed,
@@ -39,6 +40,7 @@ from detrkit.engine.state import (
     save_train_state,
     seed_everything,
 )
+from detrkit.engine.transfer import PretrainedWeights, check_architecture, transfer_weights
 from detrkit.structures import LabelMap
 
 __all__ = ["Trainer", "FitResult", "resolve_device"]
@@ -86,21 +88,34 @@ class Trainer:
     """Builds data, model, criterion, post-processor, optimiser and schedule from ``cfg``
     (seeded by ``cfg.train.seed``), then :meth:`fit` trains and :meth:`evaluate` scores.
 
-    progress: show tqdm bars (only on a terminal). echo: receives one line per epoch
-    (``print`` by default; ``None`` for silence).
+    progress: show tqdm bars (only on a terminal). echo: receives one line per epoch and the
+    notes of the start (``print`` by default; ``None`` for silence). init: weights to start
+    from (:mod:`detrkit.engine.transfer`; the class-dependent tensors are re-initialised when
+    the run has other classes) — a resumed run loads its own weights over them.
+    classes_from_data: set ``model.num_classes`` to the number of classes in the training
+    data (the run did not choose it).
     """
 
     def __init__(
-        self, cfg: Config, *, progress: bool = True, echo: Callable[[str], None] | None = print
+        self,
+        cfg: Config,
+        *,
+        progress: bool = True,
+        echo: Callable[[str], None] | None = print,
+        init: PretrainedWeights | None = None,
+        classes_from_data: bool = False,
     ) -> None:
         from detrkit.criterion.set_loss import build_criterion
         from detrkit.data.build import build_datasets
         from detrkit.inference.postprocess import build_postprocessor
         from detrkit.models import build_model
 
-        self.cfg = cfg.validate()
         self.progress = progress
         self._echo = echo
+        cfg, notes = fit_to_classes(cfg)
+        self.cfg = cfg.validate()
+        if init is not None:  # before any work: an architecture the weights do not fit
+            check_architecture(init, cfg.model)
         self.dist, self.device = init_distributed(resolve_device(cfg.train.device))
         if cfg.train.amp == "fp16" and self.device.type != "cuda":
             raise ConfigError(
@@ -111,13 +126,13 @@ class Trainer:
 
         self.train_dataset, self.val_dataset = build_datasets(cfg.data)
         self.label_map: LabelMap = self.train_dataset.label_map
-        if len(self.label_map) > cfg.model.num_classes:
-            raise ConfigError(
-                f"model.num_classes: {cfg.model.num_classes} but the training data has "
-                f"{len(self.label_map)} classes; set model.num_classes={len(self.label_map)}"
-            )
+        cfg, more = self._fit_classes(cfg, classes_from_data)
+        for note in notes + more:
+            self._say(f"note: {note}")
 
         self.model = build_model(cfg).to(self.device)
+        if init is not None:
+            self._say(transfer_weights(self.model, init).table())
         if cfg.train.lr_backbone <= 0:  # the official convention: no backbone lr = frozen
             for name, param in self.model.named_parameters():
                 if is_backbone_param(name):
@@ -138,6 +153,31 @@ class Trainer:
         self.epoch = 0  # completed epochs
         self.best_ap = -1.0
         self._ddp_model = wrap_model(self.model, self.dist, self.device)
+
+    def _fit_classes(self, cfg: Config, from_data: bool) -> tuple[Config, list[str]]:
+        """The class count checked against the training data (or taken from it)."""
+        have, want = len(self.label_map), cfg.model.num_classes
+        notes = []
+        if from_data and have != want:
+            model = dataclasses.replace(cfg.model, num_classes=have)
+            cfg, notes = fit_to_classes(dataclasses.replace(cfg, model=model))
+            notes.insert(0, f"model.num_classes: {have}, the classes of the training data")
+            self.cfg = cfg.validate()
+        elif have > want:
+            raise ConfigError(
+                f"model.num_classes: {want} but the training data has {have} classes; set "
+                f"model.num_classes={have} (or leave it unset to take the data's)"
+            )
+        elif have < want:
+            notes.append(
+                f"model.num_classes: {want} but the training data has {have} classes; "
+                f"class indices {have}..{want - 1} have no data and stay unused"
+            )
+        return self.cfg, notes
+
+    def _say(self, text: str) -> None:
+        if self._echo is not None and self.dist.is_main:
+            self._echo(text)
 
     # ------------------------------------------------------------------ loaders
 

@@ -107,6 +107,28 @@ class DetectionModel(nn.Module):
             out.aux = []
         return out
 
+    def class_dependent_keys(self) -> list[str]:
+        """State-dict keys whose values are tied to the classes: the class heads of every
+        decoder layer and of the encoder proposals, and the denoising label embedding. They
+        are what a start from weights trained on other classes re-initialises."""
+        t = self.transformer
+        modules = {"transformer.heads.class_embed": t.heads.class_embed}
+        if t.heads.enc_class_embed is not None:
+            modules["transformer.heads.enc_class_embed"] = t.heads.enc_class_embed
+        if t.denoising is not None:
+            modules["transformer.denoising.label_enc"] = t.denoising.label_enc
+        return [f"{prefix}.{name}" for prefix, m in modules.items() for name in m.state_dict()]
+
+    def query_dependent_keys(self) -> list[str]:
+        """State-dict keys with one row per query (learned positional queries, anchors,
+        learned content): what a start from weights with another ``num_queries``
+        re-initialises."""
+        q = self.transformer.queries
+        names = ("query_pos", "anchors", "content")
+        return [
+            f"transformer.queries.{name}.weight" for name in names if getattr(q, name) is not None
+        ]
+
 
 def build_position_encoding(cfg: PositionConfig, hidden_dim: int) -> nn.Module:
     """The position encoding of ``cfg`` with ``hidden_dim / 2`` channels per axis."""

@@ -16,9 +16,12 @@ from detrkit.presets.registry import get_preset, list_presets, register
 __all__ = ["register", "get_preset", "list_presets", "load_config"]
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, *, validate: bool = True
+) -> Config:
     """Read a YAML config (``preset: NAME`` starts from that preset; missing keys keep their
-    defaults), apply ``--set`` overrides, validate."""
+    defaults), apply ``--set`` overrides, validate (unless ``validate=False``)."""
     preset, data = read_config_file(path)
     cfg = merge(get_preset(preset), data) if preset is not None else from_dict(data)
-    return apply_overrides(cfg, overrides or []).validate()
+    cfg = apply_overrides(cfg, overrides or [])
+    return cfg.validate() if validate else cfg
