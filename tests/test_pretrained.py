@@ -215,3 +215,13 @@ def test_a_hugging_face_folder_starts_a_model_with_another_class_count(tmp_path,
         if "class_embed" not in key:
             assert torch.equal(state[key], value), key
     assert det.predict(torch.rand(3, 64, 80), threshold=0.0)[0].labels.max() < 2
+
+
+def test_a_hugging_face_folder_of_another_model_is_one_error(tmp_path, capsys):
+    folder = tmp_path / "yolos"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "yolos"}))
+    (folder / "model.safetensors").write_bytes(b"")
+    assert main(["train", "--init-from", str(folder), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "yolos" in err and str(folder) in err

@@ -35,6 +35,7 @@ from detrkit.cli_deploy import add_export, add_predict
 
 if TYPE_CHECKING:  # pragma: no cover
     from detrkit.config import Config
+    from detrkit.engine.transfer import PretrainedWeights
 
 __all__ = ["main", "UsageError"]
 
@@ -61,7 +62,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 # ----------------------------------------------------------------------------- commands
 
 
-def _train_config(args: argparse.Namespace, weights=None) -> tuple[Config, bool]:
+def _train_config(
+    args: argparse.Namespace, weights: PretrainedWeights | None = None
+) -> tuple[Config, bool]:
     """The config of ``detrkit train`` and whether it chose ``model.num_classes``:
     --config / --preset / the weights of --init-from / the checkpoint of --resume, then
     --data, --set, --output-dir and --device on top."""
@@ -142,7 +145,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.init_from is not None:
         from detrkit.pretrained import read_pretrained
 
-        weights = read_pretrained(args.init_from)
+        with reading(Path(args.init_from)):  # a conversion error names the file
+            weights = read_pretrained(args.init_from)
     cfg, chosen = _train_config(args, weights)
     resume = checkpoint_path(args.resume) if args.resume is not None else None
     trainer = Trainer(

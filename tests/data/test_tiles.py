@@ -199,3 +199,34 @@ def test_tiling_needs_a_size(tmp_path):
     images, ann = _split(tmp_path, [(64, 64)], {})
     with pytest.raises(ConfigError, match="data.tiles.size"):
         tile_coco(images, ann, TileConfig(), tmp_path / "cache")
+
+
+def test_build_datasets_tiles_train_and_optionally_val(tmp_path):
+    """``data.tiles`` reaches the datasets: the training split is tiled, the validation split
+    too (every tile) unless ``data.tiles.val`` is false, when it stays whole images."""
+    from detrkit.config import DataConfig
+    from detrkit.data.build import build_datasets
+    from tests.conftest import write_coco
+
+    data = {
+        "images": [{"id": 1, "file_name": "big.png", "width": 300, "height": 200}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 30, 20], "iscrowd": 0}
+        ],
+        "categories": [{"id": 3, "name": "tree"}],
+    }
+    images, ann = write_coco(tmp_path / "src", data)
+    cfg = DataConfig(
+        format="coco",
+        train_images=str(images),
+        train_annotations=str(ann),
+        val_images=str(images),
+        val_annotations=str(ann),
+        tiles=TileConfig(size=128, overlap=0.0, empty_ratio=0.0),
+    )
+    train, val = build_datasets(cfg)
+    assert len(train) == 1  # the one tile with the box (empty tiles: ratio 0)
+    assert len(val) == len(tile_windows(300, 200, 128, 0.0))  # every tile
+    assert train.label_map.names == val.label_map.names == ["tree"]
+    _, whole = build_datasets(replace(cfg, tiles=replace(cfg.tiles, val=False)))
+    assert len(whole) == 1 and whole.annotations_file == ann

@@ -99,7 +99,11 @@ def _tiled(split: _Split, data: DataConfig, all_tiles: bool) -> _Split:
     from detrkit.data.tiles import tile_coco
 
     images_dir, annotations = tile_coco(
-        split.images_dir, split.annotations_file, data.tiles, all_tiles=all_tiles
+        split.images_dir,
+        split.annotations_file,
+        data.tiles,
+        all_tiles=all_tiles,
+        source=split.source,
     )
     return _Split(images_dir, annotations, split.label_map, split.source)
 

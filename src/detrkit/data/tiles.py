@@ -243,6 +243,7 @@ def tile_coco(
     out_dir: str | Path | None = None,
     *,
     all_tiles: bool = False,
+    source: str | None = None,
 ) -> tuple[Path, Path]:
     """Tile a COCO split; returns ``(tile image folder, tiled COCO JSON)``.
 
@@ -251,7 +252,8 @@ def tile_coco(
     tiles: the settings (``tiles.size`` must be set). out_dir: the cache root (default: the
     system temp folder's ``detrkit-tiles``); the split is written to ``<out_dir>/<digest>/``
     and reused when already complete there. all_tiles: keep every tile, empty ones included
-    (for validation splits; ``empty_ratio`` and ``seed`` are then not used).
+    (for validation splits; ``empty_ratio`` and ``seed`` are then not used). source: the file
+    that messages about the split name (when ``annotations_file`` is a conversion).
 
     Tiled JSON: ``images`` with ``id`` 1.., ``file_name`` (relative to the returned folder),
     ``width``, ``height`` and ``tile`` (origin, see the module docstring); ``annotations``
@@ -262,7 +264,7 @@ def tile_coco(
     if tiles.size is None:
         raise ConfigError("data.tiles.size: must be set to tile a dataset")
     images_dir, annotations_file = Path(images_dir), Path(annotations_file)
-    index = load_coco_index(images_dir, annotations_file, check_image_sizes=True)
+    index = load_coco_index(images_dir, annotations_file, check_image_sizes=True, source=source)
     records = {r.image_id: r for r in index.records}
     settings = {
         "size": tiles.size,
