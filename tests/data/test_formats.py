@@ -69,7 +69,7 @@ def test_coco_rename_merges_and_unknown_val_name(tmp_path):
     val["categories"][0]["name"] = "wolf"
     root = coco_folder(tmp_path, val)
     data = small(DataConfig(format="coco", dataset=str(root), rename={"dog": "cat"}))
-    with pytest.raises(DatasetError, match=r"instances_val2017\.json: categories \['wolf'\]"):
+    with pytest.raises(DatasetError, match=r"instances_val2017\.json: classes \['wolf'\]"):
         build_datasets(data)
     data.rename["wolf"] = "cat"
     train, _ = build_datasets(data)

@@ -26,7 +26,7 @@ from detrkit.data.coco_index import _categories, _read_json
 from detrkit.data.discover import SplitSpec, resolve_splits
 from detrkit.data.errors import DatasetError, DatasetWarning
 from detrkit.data.voc import _xml_files, read_voc_xml, voc_to_coco
-from detrkit.data.yolo import list_images, merged_names, write_json, yolo_to_coco
+from detrkit.data.yolo import ids_by_name, list_images, merged_names, write_json, yolo_to_coco
 from detrkit.structures import LabelMap
 
 __all__ = ["CocoSplit", "split_to_coco", "split_classes", "dataset_classes"]
@@ -65,13 +65,7 @@ def _coco_map(
     ids, names = _categories(file, categories)
     renamed = [rename.get(n, n) for n in names]
     if label_map is not None:
-        id_of = dict(zip(label_map.names, label_map.category_ids))
-        unknown = [n for n in renamed if n not in id_of]
-        if unknown:
-            raise DatasetError(
-                f"{file}: categories {unknown} are not among the training split's classes "
-                f"{label_map.names}; map them with data.rename"
-            )
+        id_of = ids_by_name(label_map, renamed, file)
         return label_map, {i: id_of[n] for i, n in zip(ids, renamed)}
     first: dict[str, int] = {}
     for i, n in zip(ids, renamed):

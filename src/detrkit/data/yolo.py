@@ -207,6 +207,19 @@ def merged_names(names: Sequence[str], rename: Mapping[str, str] | None) -> list
     return list(dict.fromkeys(rename.get(n, n) for n in names))
 
 
+def ids_by_name(label_map: LabelMap, names: Sequence[str], where: Path) -> dict[str, int]:
+    """Category id of each of ``names`` in ``label_map`` (a training split's); a name the
+    map lacks is one :class:`DatasetError` naming ``where``."""
+    id_of_name = dict(zip(label_map.names, label_map.category_ids))
+    missing = [n for n in names if n not in id_of_name]
+    if missing:
+        raise DatasetError(
+            f"{where}: classes {missing} are not among the training split's classes "
+            f"{label_map.names}; map them with data.rename"
+        )
+    return id_of_name
+
+
 def yolo_to_coco(
     images: Sequence[Path],
     images_dir: Path,
@@ -226,13 +239,7 @@ def yolo_to_coco(
     final = merged_names(names, rename)
     if label_map is None:
         label_map = LabelMap(list(range(1, len(final) + 1)), final)
-    id_of_name = dict(zip(label_map.names, label_map.category_ids))
-    missing = [n for n in final if n not in id_of_name]
-    if missing:
-        raise DatasetError(
-            f"{images_dir}: classes {missing} are not in the training split's classes "
-            f"{label_map.names}; map them with data.rename"
-        )
+    id_of_name = ids_by_name(label_map, final, images_dir)
     id_of_index = [id_of_name[rename.get(n, n)] for n in names]
     entries, anns = [], []
     for image_id, image in enumerate(images, start=1):
