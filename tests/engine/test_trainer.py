@@ -63,7 +63,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert all(
         torch.equal(a["state"][i]["exp_avg_sq"], b["state"][i]["exp_avg_sq"]) for i in a["state"]
     )
-    assert straight.scheduler.last_epoch == resumed.scheduler.last_epoch == 2
+    assert straight.step == resumed.step > 0
+    assert straight.optimizer.param_groups[0]["lr"] == resumed.optimizer.param_groups[0]["lr"]
     lines = (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
 

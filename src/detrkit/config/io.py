@@ -25,6 +25,7 @@ __all__ = [
     "apply_overrides",
     "read_config_file",
     "save_config",
+    "config_diff",
 ]
 
 
@@ -190,3 +191,26 @@ def read_config_file(path: str | Path) -> tuple[str | None, dict]:
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the full resolved config as YAML."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _flatten(data: Any, key: str = "") -> dict[str, Any]:
+    """``{"a.b.c": leaf}`` of a nested dict (an empty dict is a leaf)."""
+    if not isinstance(data, dict) or not data:
+        return {key: data}
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        out.update(_flatten(value, f"{key}.{name}" if key else str(name)))
+    return out
+
+
+def config_diff(old: Config, new: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The fields where ``new`` differs from ``old``, as ``"key: old -> new"`` lines;
+    keys equal to or under an entry of ``ignore`` are left out."""
+    a, b = _flatten(to_dict(old)), _flatten(to_dict(new))
+    lines = []
+    for key in sorted(a.keys() | b.keys()):
+        if any(key == skip or key.startswith(skip + ".") for skip in ignore):
+            continue
+        if a.get(key) != b.get(key):
+            lines.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return lines

@@ -21,6 +21,7 @@ __all__ = [
     "AugmentConfig",
     "TileConfig",
     "DataConfig",
+    "EmaConfig",
     "TrainConfig",
     "Config",
 ]
@@ -129,25 +130,57 @@ class DataConfig:
 
 
 @dataclass
+class EmaConfig:
+    """An exponential moving average of the weights, evaluated, checkpointed as the model of
+    ``checkpoint_best`` / ``checkpoint_last`` and used by ``predict`` / ``export``; the raw
+    weights stay in the resume state."""
+
+    enabled: bool = False
+    decay: float = 0.9997  # per optimiser step, in [0, 1)
+    # the decay ramps up as decay * (1 - exp(-updates / warmup_steps)); 0: constant decay
+    warmup_steps: int = 2000
+
+
+@dataclass
 class TrainConfig:
     """Optimiser, schedule, precision, device and output of a training run."""
 
     epochs: int = 50
-    batch_size: int = 2
+    batch_size: int = 2  # per process
     lr: float = 1e-4
     lr_backbone: float = 1e-5
     # learning-rate factor of the deformable sampling_offsets / reference_points projections
     # (Deformable DETR: 0.1)
     lr_linear_proj_mult: float = 1.0
     weight_decay: float = 1e-4
-    lr_drop: int = 40  # epoch after which the learning rate is multiplied by lr_gamma
+    # step: lr *= lr_gamma after every lr_drop epochs (the DETR recipe); cosine: from lr down
+    # to lr * lr_min_ratio over the run; both after a linear warm-up of warmup_steps steps
+    schedule: Literal["step", "cosine"] = "step"
+    lr_drop: int = 40
     lr_gamma: float = 0.1
+    lr_min_ratio: float = 0.01
+    warmup_steps: int = 0  # optimiser steps of linear warm-up from 0
+    accumulate: int = (
+        1  # batches per optimiser step (effective batch = batch_size*accumulate*world)
+    )
     clip_max_norm: float = 0.1
     amp: Literal["none", "bf16", "fp16"] = "none"
+    # a step whose loss or gradients are not finite is skipped; this many in a row stop the run
+    max_bad_steps: int = 5
+    ema: EmaConfig = field(default_factory=EmaConfig)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 42
+    # deterministic algorithms only (torch.use_deterministic_algorithms), for exact resumes
+    deterministic: bool = False
     output_dir: str = "runs/detrkit"
     eval_every: int = 1
+    # stop after this many evaluations without a better validation AP; null: never
+    patience: int | None = None
+    # also write checkpoint_last every this many optimiser steps (mid-epoch); null: per epoch
+    checkpoint_every_steps: int | None = None
+    tensorboard: bool = (
+        False  # TensorBoard scalars in <output_dir>/tensorboard (extra: tensorboard)
+    )
     max_steps_per_epoch: int | None = None
 
 

@@ -17,7 +17,7 @@ from detrkit.config.errors import ConfigError, require
 from detrkit.config.model import ModelConfig
 
 if TYPE_CHECKING:
-    from detrkit.config.schema import Config
+    from detrkit.config.schema import Config, TrainConfig
 
 __all__ = [
     "ModelRule",
@@ -330,9 +330,46 @@ def validate_config(cfg: Config) -> None:
     require(tr.epochs >= 1, "train.epochs", "must be >= 1")
     require(tr.batch_size >= 1, "train.batch_size", "must be >= 1")
     require(tr.lr > 0, "train.lr", "must be > 0")
+    check_train_steps(tr)
     require(
         tr.device in ("auto", "cpu") or tr.device.startswith("cuda"),
         "train.device",
         f"expected auto, cpu, cuda or cuda:N, got '{tr.device}'",
     )
     check_data(cfg.data)
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_train_steps(tr: TrainConfig) -> None:
+    """The schedule, accumulation, EMA, guard and checkpoint settings of ``train``."""
+    require(
+        _integer(tr.accumulate) and tr.accumulate >= 1,
+        "train.accumulate",
+        f"must be an integer >= 1 (batches per optimiser step), got {tr.accumulate!r}",
+    )
+    require(tr.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {tr.warmup_steps}")
+    require(tr.lr_drop >= 1, "train.lr_drop", f"must be >= 1 epoch, got {tr.lr_drop}")
+    require(tr.lr_gamma > 0, "train.lr_gamma", f"must be > 0, got {tr.lr_gamma}")
+    require(
+        0.0 <= tr.lr_min_ratio <= 1.0,
+        "train.lr_min_ratio",
+        f"must be in [0, 1], got {tr.lr_min_ratio}",
+    )
+    require(tr.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {tr.max_bad_steps}")
+    for key in ("patience", "checkpoint_every_steps"):
+        value = getattr(tr, key)
+        require(value is None or value >= 1, f"train.{key}", f"must be >= 1 or null, got {value}")
+    ema = tr.ema
+    require(
+        0.0 <= ema.decay < 1.0,
+        "train.ema.decay",
+        f"must be in [0, 1) (the weight of the old average per step), got {ema.decay}",
+    )
+    require(
+        ema.warmup_steps >= 0,
+        "train.ema.warmup_steps",
+        f"must be >= 0, got {ema.warmup_steps}",
+    )

@@ -15,7 +15,7 @@ from detrkit.data.synthetic import generate_shapes
 from detrkit.data.transforms import build_transforms
 from detrkit.structures import LabelMap
 
-__all__ = ["build_datasets", "build_loader"]
+__all__ = ["build_datasets", "build_loader", "SeededSamples"]
 
 
 def build_datasets(data: DataConfig) -> tuple[CocoDetection, CocoDetection]:
@@ -108,22 +108,56 @@ def _tiled(split: _Split, data: DataConfig, all_tiles: bool) -> _Split:
     return _Split(images_dir, annotations, split.label_map, split.source)
 
 
+class SeededSamples(Dataset):
+    """``dataset`` whose item ``i`` is drawn with torch's generator seeded by ``(seed, i)``.
+
+    The random augmentation of a sample then depends on the epoch's seed and the sample
+    alone, not on which loader worker made it or on how many samples came before: the same
+    with 0 or N workers, and a run resumed in the middle of an epoch draws what an
+    uninterrupted one would. The caller's generator state is left untouched.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            # two seeds far apart in the 64-bit space for neighbouring (seed, index) pairs
+            torch.manual_seed((self.seed * 1_000_003 + index) % (2**63 - 1))
+            return self.dataset[index]
+
+
 def build_loader(
-    dataset: Dataset, batch_size: int, train: bool, num_workers: int, seed: int
+    dataset: Dataset,
+    batch_size: int,
+    train: bool,
+    num_workers: int,
+    seed: int,
+    skip_batches: int = 0,
 ) -> DataLoader:
     """A DataLoader yielding ``(ImageBatch, list[Target])`` (see :func:`collate`).
 
-    train: shuffle with a torch generator seeded by ``seed`` (the same seed gives the same
-    order; worker seeds derive from it too). drop_last is False in both modes.
+    train: the samples in the order of ``torch.randperm`` seeded by ``seed``, each drawn with
+    its own seeded generator (:class:`SeededSamples`), so ``seed`` fixes the order and the
+    augmentation whatever ``num_workers``; ``skip_batches`` leaves out the first batches of
+    that order (resuming inside an epoch). Not train: in order. drop_last is False in both.
     """
-    generator = torch.Generator().manual_seed(seed)
+    if train:
+        n = len(dataset)  # type: ignore[arg-type]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        sampler: list[int] | None = order[skip_batches * batch_size :]
+        dataset = SeededSamples(dataset, seed)
+    else:
+        sampler = list(range(skip_batches * batch_size, len(dataset)))  # type: ignore[arg-type]
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
+        sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate,
         drop_last=False,
-        generator=generator,
         persistent_workers=False,
     )

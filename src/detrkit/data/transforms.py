@@ -10,7 +10,8 @@ random horizontal flip; then with probability 0.5 either a multi-scale resize (s
 drawn from ``train_scales``, longer side capped at ``max_size``) or a resize to one of
 ``crop_resize_scales`` + a random crop of side ``crop_size[0]..crop_size[1]`` + the multi-scale
 resize. Validation: resize the shorter side to ``val_scale`` (longer side capped at ``max_size``).
-Random draws use torch's generator (seeded per DataLoader worker by PyTorch).
+Random draws use torch's generator; the training loader seeds it per sample and epoch
+(:class:`detrkit.data.build.SeededSamples`).
 """
 
 from __future__ import annotations

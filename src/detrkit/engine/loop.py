@@ -1,72 +1,46 @@
 """The two loops everything else is built on: one training epoch and one evaluation pass.
 
 Both take already-built pieces (model, criterion, post-processor, loader, evaluator) and a
-device; neither reads the config tree. Mixed precision (``amp``) covers the model forward
-only: the criterion and the post-processor always compute in float32.
+device; neither reads the config tree. Mixed precision (``amp``, :mod:`detrkit.engine.precision`)
+covers the model forward only: the criterion and the post-processor compute in float32.
 
-* ``"bf16"``: ``torch.autocast`` with bfloat16, on CUDA or CPU; no loss scaling needed.
-* ``"fp16"``: ``torch.autocast`` with float16 and a ``torch.amp.GradScaler``; CUDA only.
+One optimiser step of :func:`train_one_epoch` may span several batches (``accumulate``): each
+batch's loss is divided by the number of batches of its step, the gradients add up, and only
+the last batch of a step synchronises them across processes (DDP ``no_sync`` before). A step
+whose loss or gradients are not finite is skipped (:mod:`detrkit.engine.guard`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from detrkit.config import ConfigError
+from detrkit.engine.guard import NonFiniteGuard, non_finite_terms
+from detrkit.engine.precision import AmpMode, autocast, to_float32
 from detrkit.structures import Detections, ImageBatch, Target
 
-__all__ = ["AmpMode", "autocast", "to_float32", "train_one_epoch", "evaluate"]
+__all__ = [
+    "AmpMode",
+    "autocast",
+    "to_float32",
+    "EpochPosition",
+    "StepHooks",
+    "train_one_epoch",
+    "evaluate",
+]
 
-AmpMode = Literal["none", "bf16", "fp16"]
 Batch = tuple[ImageBatch, list[Target]]
-
-
-def autocast(device: torch.device, amp: AmpMode) -> contextlib.AbstractContextManager:
-    """The autocast context for ``amp`` on ``device`` (a no-op context for ``"none"``)."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise ConfigError(
-                f"train.amp: fp16 needs a CUDA device; use bf16 or none on {device.type}"
-            )
-        return torch.autocast("cuda", dtype=torch.float16)
-    if amp == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    raise ConfigError(f"train.amp: '{amp}' is not one of ['none', 'bf16', 'fp16']")
-
-
-def to_float32(value: Any) -> Any:
-    """A copy of ``value`` (tensor, dataclass such as ``DetectorOutput``, list, tuple, dict)
-    with every floating-point tensor in float32; other values are returned unchanged."""
-    if isinstance(value, Tensor):
-        return value.float() if value.is_floating_point() else value
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(
-            value,
-            **{
-                f.name: to_float32(getattr(value, f.name))
-                for f in dataclasses.fields(value)
-                if f.init
-            },
-        )
-    if isinstance(value, list):
-        return [to_float32(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(to_float32(v) for v in value)
-    if isinstance(value, dict):
-        return {k: to_float32(v) for k, v in value.items()}
-    return value
 
 
 def _show_progress(progress: bool) -> bool:
@@ -91,94 +65,128 @@ def _progress_bar(loader: Iterable, max_steps: int | None, desc: str, progress: 
     )
 
 
-def _check_finite(losses: Any, epoch: int, step: int) -> None:
-    """Stop with a message naming every loss term when the total loss is not finite."""
-    total = losses.total
-    if not math.isfinite(total.item()):
-        terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.terms.items())
-        raise FloatingPointError(
-            f"epoch {epoch}, step {step}: the loss is {total.item()} ({terms}); "
-            "try a lower train.lr, a smaller train.clip_max_norm or train.amp=none"
-        )
+@dataclass
+class EpochPosition:
+    """How far an epoch has come: ``batches`` consumed (a multiple of the accumulation, the
+    loader starts after them), optimiser ``steps`` taken in this epoch (skipped ones
+    included), ``step`` of the whole run, and the running ``sums`` of the logged values
+    (``sums["steps"]``: the steps that were taken and logged)."""
+
+    batches: int = 0
+    steps: int = 0
+    step: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
 
 
-def _backward_and_step(
-    total: Tensor,
-    optimizer: torch.optim.Optimizer,
-    params: list[Tensor],
-    clip_max_norm: float,
-    scaler: torch.amp.GradScaler | None,
-) -> Tensor:
-    """Backward of ``total``, gradient clipping, optimiser step; returns the total gradient
-    norm before clipping."""
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(total).backward()
-        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-    else:
-        total.backward()
-    max_norm = clip_max_norm if clip_max_norm > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    if scaler is not None:
-        scaler.step(optimizer)  # skips the step when the gradients overflowed
-        scaler.update()
-    else:
-        optimizer.step()
-    return grad_norm
+@dataclass
+class StepHooks:
+    """Called by :func:`train_one_epoch` around every optimiser step.
+
+    before(step): just before the update, with the run's 0-based step (set the learning rate).
+    after(position, taken): after it (``taken`` False for a skipped step), with the position
+    after this step (update an EMA, write a mid-epoch checkpoint).
+    """
+
+    before: Callable[[int], None] | None = None
+    after: Callable[[EpochPosition, bool], None] | None = None
 
 
-def _train_step(
+def _agree(flag: bool) -> bool:
+    """``flag`` on every process (logical and across ranks; the flag itself when not
+    distributed): ranks must skip a step together or DDP waits for the one that did not."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item() > 0.5)
+
+
+def _forward_loss(
     model: nn.Module,
     criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    params: list[Tensor],
     device: torch.device,
     batch: ImageBatch,
     targets: list[Target],
-    *,
-    epoch: int,
-    step: int,
-    clip_max_norm: float,
     amp: AmpMode,
-    scaler: torch.amp.GradScaler | None,
-) -> dict[str, float]:
-    """One optimisation step on one batch (see :func:`train_one_epoch`); returns its values:
-    ``loss``, ``grad_norm`` and every term of the criterion."""
+) -> tuple[Any, str | None]:
+    """The criterion's losses of one batch (forward under autocast, criterion in float32),
+    or ``(None, why)`` when the model's outputs are not finite (a corrupt image, an
+    overflow): the matching cannot use NaN boxes."""
     batch = batch.to(device)
     targets = [t.to(device) for t in targets]
     with autocast(device, amp):
         outputs = model(batch.images, batch.mask, targets)
-    losses = criterion(to_float32(outputs), targets)
-    _check_finite(losses, epoch, step)
-    grad_norm = _backward_and_step(losses.total, optimizer, params, clip_max_norm, scaler)
-    values = {"loss": losses.total.item(), "grad_norm": float(grad_norm)}
-    values.update({k: float(v.detach()) for k, v in losses.terms.items()})
-    return values
+    outputs = to_float32(outputs)
+    layers = [("final", outputs.logits, outputs.boxes)]
+    layers += [(f"layer {i}", aux.logits, aux.boxes) for i, aux in enumerate(outputs.aux)]
+    for name, logits, boxes in layers:
+        for kind, value in (("logits", logits), ("boxes", boxes)):
+            if not bool(torch.isfinite(value.detach()).all()):
+                return None, f"the model's {kind} ({name}) are not finite"
+    return criterion(outputs, targets), None
 
 
-class _StepLog:
-    """The values of an epoch's steps: summed per key, passed to ``log_fn(step, values)`` and
-    shown as the running mean loss on the progress bar."""
+class _Step:
+    """The batches of one optimiser step: their losses summed (scaled by ``1 / size``)
+    into the gradients, their values averaged; ``bad`` says why the step must be skipped."""
 
-    def __init__(self, bar: tqdm, log_fn: Callable[[int, dict[str, float]], None] | None) -> None:
-        self.bar, self.log_fn = bar, log_fn
-        self.sums: dict[str, float] = defaultdict(float)
-        self.steps = 0
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.values: dict[str, float] = defaultdict(float)
+        self.bad: str | None = None
 
-    def log(self, values: dict[str, float]) -> None:
-        for key, value in values.items():
-            self.sums[key] += value
-        self.steps += 1
-        if self.log_fn is not None:
-            self.log_fn(self.steps, values)
-        self.bar.set_postfix(loss=f"{self.sums['loss'] / self.steps:.4f}")
-        self.bar.update()
+    def add(self, result: tuple[Any, str | None], scaler: torch.amp.GradScaler | None) -> None:
+        losses, reason = result
+        if reason is None:
+            reason = non_finite_terms(losses.total, losses.terms)
+        if not _agree(reason is None):
+            self.bad = reason or "non-finite loss on another process"
+            return
+        loss = losses.total / self.size
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        self.values["loss"] += float(losses.total.detach()) / self.size
+        for key, value in losses.terms.items():
+            self.values[key] += float(value.detach()) / self.size
 
-    def means(self) -> dict[str, float]:
-        """The mean of every key over the steps, plus ``steps``."""
-        means = {key: total / self.steps for key, total in self.sums.items()}
-        means["steps"] = float(self.steps)
-        return means
+
+def _update(
+    optimizer: torch.optim.Optimizer,
+    params: list[Tensor],
+    clip_max_norm: float,
+    scaler: torch.amp.GradScaler | None,
+) -> tuple[float, str | None]:
+    """Clip and apply the accumulated gradients; returns the total gradient norm before
+    clipping and, when the gradients are not finite, why the step was skipped."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    max_norm = clip_max_norm if clip_max_norm > 0 else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if scaler is not None:
+        scaler.step(optimizer)  # skips the update itself when the gradients overflowed
+        scaler.update()
+        return grad_norm, None  # an fp16 overflow is the scaler's to absorb, not a bad step
+    if not math.isfinite(grad_norm):
+        return grad_norm, f"gradients: total norm {grad_norm}"
+    optimizer.step()
+    return grad_norm, None
+
+
+class _Meter:
+    """Images per second of compute and seconds per batch spent waiting for the loader."""
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.compute_s = 0.0
+        self.data_s = 0.0
+        self.batches = 0
+
+    def values(self) -> dict[str, float]:
+        if not self.batches:
+            return {}
+        return {
+            "images_per_s": self.images / max(self.compute_s + self.data_s, 1e-9),
+            "data_time_s": self.data_s / self.batches,
+        }
 
 
 def train_one_epoch(
@@ -192,50 +200,131 @@ def train_one_epoch(
     clip_max_norm: float = 0.0,
     amp: AmpMode = "none",
     scaler: torch.amp.GradScaler | None = None,
+    accumulate: int = 1,
     max_steps: int | None = None,
+    guard: NonFiniteGuard | None = None,
+    hooks: StepHooks | None = None,
+    start: EpochPosition | None = None,
     progress: bool = True,
     log_fn: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` for one pass over ``loader`` (at most ``max_steps`` batches).
+    """Train ``model`` for one pass over ``loader`` (at most ``max_steps`` optimiser steps).
 
     loader: yields ``(ImageBatch, list[Target])``; images ``[B,3,H,W]`` normalised, mask
-    ``[B,H,W]`` True on padding, target boxes normalised cxcywh. Each step: forward (under
-    autocast for ``amp``), criterion in float32, backward, gradient clipping to
-    ``clip_max_norm`` (total L2 norm; 0 disables), optimiser step. ``fp16`` needs ``scaler``.
-    ``log_fn(step, values)`` is called after every step with that step's values.
+    ``[B,H,W]`` True on padding, target boxes normalised cxcywh. Each optimiser step takes
+    ``accumulate`` batches: forward (under autocast for ``amp``), criterion in float32,
+    backward of ``loss / accumulate``; then gradient clipping to ``clip_max_norm`` (total L2
+    norm; 0 disables) and the update. ``fp16`` needs ``scaler``. A step with a non-finite loss
+    or gradient is skipped and reported to ``guard`` (default: stop at the first one).
+    start: resume inside the epoch (the loader then yields only the remaining batches).
+    ``log_fn(step, values)`` is called after every taken step (1-based within the epoch).
 
-    Returns the mean over steps of ``loss`` (the weighted total), of every term the criterion
-    reports, and of ``grad_norm`` (before clipping), plus ``steps``.
+    Returns the mean over taken steps of ``loss`` (the weighted total), of every term the
+    criterion reports and of ``grad_norm`` (before clipping), plus ``steps`` (taken),
+    ``skipped``, ``images_per_s`` and ``data_time_s`` (loader wait per batch).
     """
     if amp == "fp16" and scaler is None:
         raise ValueError("train_one_epoch: amp='fp16' needs a GradScaler (scaler=...)")
+    if accumulate < 1:
+        raise ValueError(f"train_one_epoch: accumulate must be >= 1, got {accumulate}")
+    autocast(device, amp)  # an unusable amp mode fails before the first batch
+    guard = guard or NonFiniteGuard(1)
+    hooks = hooks or StepHooks()
+    position = start or EpochPosition()
+    sums: dict[str, float] = defaultdict(float, position.sums)
     model.train()
     criterion.train()
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    bar = _progress_bar(loader, max_steps, f"epoch {epoch}", progress)
-    log = _StepLog(bar, log_fn)
+    optimizer.zero_grad(set_to_none=True)
+    remaining = _num_steps(loader, None)
+    end = None if remaining is None else position.batches + remaining
+    if max_steps is not None:
+        end = min(end, max_steps * accumulate) if end is not None else max_steps * accumulate
+    total_steps = None if end is None else math.ceil(end / accumulate)
+    bar = tqdm(
+        total=total_steps,
+        initial=position.steps,
+        desc=f"epoch {epoch}",
+        leave=False,
+        disable=not _show_progress(progress),
+        dynamic_ncols=True,
+    )
+    meter, current, skipped = _Meter(), None, 0
+    tick = time.perf_counter()
     for batch, targets in loader:
-        if max_steps is not None and log.steps >= max_steps:
+        if end is not None and position.batches >= end:
             break
-        values = _train_step(
-            model,
-            criterion,
-            optimizer,
-            params,
-            device,
-            batch,
-            targets,
-            epoch=epoch,
-            step=log.steps,
-            clip_max_norm=clip_max_norm,
-            amp=amp,
-            scaler=scaler,
-        )
-        log.log(values)
+        arrived = time.perf_counter()
+        meter.data_s += arrived - tick
+        index = position.batches % accumulate
+        if index == 0:
+            size = accumulate if end is None else min(accumulate, end - position.batches)
+            current = _Step(size)
+        assert current is not None
+        last = index + 1 == current.size
+        sync = contextlib.nullcontext()
+        if not last and hasattr(model, "no_sync"):
+            sync = model.no_sync()  # DDP: reduce the gradients once, with the last batch
+        if current.bad is None:
+            with sync:
+                current.add(_forward_loss(model, criterion, device, batch, targets, amp), scaler)
+        position.batches += 1
+        meter.batches += 1
+        meter.images += len(targets)
+        if last:
+            taken = _finish_step(current, optimizer, params, clip_max_norm, scaler, hooks, position)
+            if taken:
+                guard.good()
+                for key, value in current.values.items():
+                    sums[key] += value
+                sums["steps"] += 1
+                if log_fn is not None:
+                    log_fn(position.steps + 1, dict(current.values))
+                bar.set_postfix(
+                    loss=f"{sums['loss'] / sums['steps']:.4f}",
+                    lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                    img_s=f"{meter.values()['images_per_s']:.1f}",
+                )
+            else:
+                skipped += 1
+            position.steps += 1
+            position.step += 1
+            position.sums = dict(sums)
+            bar.update()
+            if hooks.after is not None:
+                hooks.after(position, taken)
+            if not taken:
+                assert current.bad is not None
+                guard.bad(epoch, position.steps - 1, current.bad)
+        tick = time.perf_counter()
+        meter.compute_s += tick - arrived
     bar.close()
-    if log.steps == 0:
+    if position.steps == 0:
         raise ValueError("train_one_epoch: the loader yielded no batch (is the dataset empty?)")
-    return log.means()
+    taken = int(sums.get("steps", 0))
+    means = {key: value / max(taken, 1) for key, value in sums.items() if key != "steps"}
+    means.update(steps=float(taken), skipped=float(skipped), **meter.values())
+    return means
+
+
+def _finish_step(
+    current: _Step,
+    optimizer: torch.optim.Optimizer,
+    params: list[Tensor],
+    clip_max_norm: float,
+    scaler: torch.amp.GradScaler | None,
+    hooks: StepHooks,
+    position: EpochPosition,
+) -> bool:
+    """Apply (or skip) the accumulated step; returns whether the update was taken."""
+    if current.bad is None:
+        if hooks.before is not None:
+            hooks.before(position.step)
+        grad_norm, current.bad = _update(optimizer, params, clip_max_norm, scaler)
+        if math.isfinite(grad_norm):  # not after an fp16 overflow the scaler absorbed
+            current.values["grad_norm"] = grad_norm
+    optimizer.zero_grad(set_to_none=True)
+    return current.bad is None
 
 
 @torch.no_grad()

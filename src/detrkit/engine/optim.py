@@ -3,12 +3,18 @@
 AdamW over three parameter groups: the backbone at ``lr_backbone``, the sampling-offset and
 reference-point projections of deformable attention at ``lr * linear_proj_lr_mult``
 (Deformable DETR trains them 10x slower), everything else at ``lr``; one weight decay for all.
-The schedule is a single step: ``lr *= gamma`` after ``lr_drop`` epochs.
+The learning rate is set before every optimiser step by :class:`LrSchedule` from the global
+step alone (so a resumed run needs only the step count): ``step`` multiplies it by ``gamma``
+every ``lr_drop`` epochs (the DETR recipe), ``cosine`` anneals it from the base rate to
+``base * min_ratio`` over the run; both may start with a linear warm-up.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -18,7 +24,7 @@ __all__ = [
     "LINEAR_PROJ_NAMES",
     "param_groups",
     "build_optimizer",
-    "build_scheduler",
+    "LrSchedule",
     "group_lrs",
     "is_backbone_param",
 ]
@@ -87,12 +93,44 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, *, lr_drop: int, gamma: float
-) -> torch.optim.lr_scheduler.StepLR:
-    """Multiply every group's learning rate by ``gamma`` every ``lr_drop`` epochs (stepped once
-    per epoch)."""
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, lr_drop), gamma=gamma)
+@dataclass(frozen=True)
+class LrSchedule:
+    """The learning-rate factor of every optimiser step, applied to each group's base rate.
+
+    steps_per_epoch: optimiser steps per epoch (batches / accumulation). total_steps: of the
+    whole run (cosine ends there). warmup_steps: the first steps scale the rate linearly up to
+    the schedule's (step ``i`` by ``(i + 1) / warmup_steps``). lr_drop, gamma: ``step``
+    schedule, multiply by ``gamma`` after every ``lr_drop`` epochs. min_ratio: ``cosine`` ends
+    at ``base * min_ratio``.
+    """
+
+    kind: Literal["step", "cosine"]
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int = 0
+    lr_drop: int = 40
+    gamma: float = 0.1
+    min_ratio: float = 0.0
+
+    def factor(self, step: int) -> float:
+        """The factor of the 0-based optimiser step ``step`` (the one about to be taken)."""
+        if self.kind == "step":
+            epoch = step // max(1, self.steps_per_epoch)  # 0-based
+            value = self.gamma ** (epoch // max(1, self.lr_drop))
+        else:
+            progress = min(1.0, step / max(1, self.total_steps))
+            value = self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if step < self.warmup_steps:
+            value *= (step + 1) / self.warmup_steps
+        return value
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Set every group's ``lr`` to its ``base_lr`` (stored on first use) times
+        :meth:`factor` of ``step``."""
+        value = self.factor(step)
+        for group in optimizer.param_groups:
+            group.setdefault("base_lr", group["lr"])
+            group["lr"] = group["base_lr"] * value
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -2,15 +2,16 @@
 
 The model weights live in the detrkit checkpoint (``<name>.safetensors`` + ``<name>.json``,
 see :mod:`detrkit.engine.checkpoint`); the training state lives beside it in ``<name>.train.pt``:
-completed epochs, best AP, optimiser, scheduler and grad-scaler state, and the random number
-generators (Python, NumPy, torch CPU, torch CUDA). The file holds only tensors and plain
-Python values, so it is read with ``torch.load(weights_only=True)``.
+completed epochs and optimiser steps, the position inside an interrupted epoch, best AP,
+optimiser, grad-scaler and EMA state, and the random number generators (Python, NumPy, torch
+CPU, torch CUDA). The file holds only tensors and plain Python values, so it is read with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +30,50 @@ __all__ = [
 
 @dataclass
 class TrainState:
-    """epoch: number of completed epochs. best_ap: best validation AP so far (-1: none yet)."""
+    """Where a run stands, beside its weights.
+
+    epoch: completed epochs. step: optimiser steps taken in the whole run (the learning-rate
+    schedule is a function of it; ``None`` in files of earlier versions). epoch_batches:
+    batches of epoch ``epoch + 1`` already trained (0 at an epoch boundary; a mid-epoch save
+    resumes after them). epoch_sums: the running sums of that epoch's logged values.
+    best_ap: best validation AP so far (-1: none yet). stale_evals: evaluations since it last
+    improved (early stopping). model: the raw weights when the checkpoint's own weights are the
+    EMA ones. ema: the EMA's state (:meth:`detrkit.engine.ema.ModelEma.state_dict`).
+    """
 
     epoch: int
     best_ap: float
     optimizer: dict
-    scheduler: dict
+    step: int | None = None
+    epoch_batches: int = 0
+    epoch_sums: dict[str, float] = field(default_factory=dict)
+    stale_evals: int = 0
     scaler: dict | None = None
+    ema: dict | None = None
+    model: dict | None = None
     rng: dict[str, Any] = field(default_factory=dict)
+
+    def to_payload(self) -> dict[str, Any]:
+        """The plain dict written to ``<name>.train.pt``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> TrainState:
+        """The state of a ``<name>.train.pt`` payload (older files lack the newer keys)."""
+        step = payload.get("step")
+        return cls(
+            epoch=int(payload["epoch"]),
+            best_ap=float(payload["best_ap"]),
+            optimizer=payload["optimizer"],
+            step=None if step is None else int(step),
+            epoch_batches=int(payload.get("epoch_batches", 0)),
+            epoch_sums={k: float(v) for k, v in (payload.get("epoch_sums") or {}).items()},
+            stale_evals=int(payload.get("stale_evals", 0)),
+            scaler=payload.get("scaler"),
+            ema=payload.get("ema"),
+            model=payload.get("model"),
+            rng=payload.get("rng", {}),
+        )
 
 
 def capture_rng() -> dict[str, Any]:
@@ -82,32 +119,14 @@ def save_train_state(checkpoint: str | Path, state: TrainState) -> Path:
     """Write ``state`` to ``<checkpoint>.train.pt``; returns that path."""
     from detrkit.engine.checkpoint import save_train_state as write
 
-    return write(
-        checkpoint,
-        {
-            "epoch": state.epoch,
-            "best_ap": state.best_ap,
-            "optimizer": state.optimizer,
-            "scheduler": state.scheduler,
-            "scaler": state.scaler,
-            "rng": state.rng,
-        },
-    )
+    return write(checkpoint, state.to_payload())
 
 
 def load_train_state(checkpoint: str | Path) -> TrainState:
     """Read ``<checkpoint>.train.pt`` (``torch.load(weights_only=True)``)."""
     from detrkit.engine.checkpoint import load_train_state as read
 
-    payload = read(checkpoint)
-    return TrainState(
-        epoch=int(payload["epoch"]),
-        best_ap=float(payload["best_ap"]),
-        optimizer=payload["optimizer"],
-        scheduler=payload["scheduler"],
-        scaler=payload.get("scaler"),
-        rng=payload.get("rng", {}),
-    )
+    return TrainState.from_payload(read(checkpoint))
 
 
 def seed_everything(seed: int) -> None:
