@@ -38,6 +38,7 @@ TINY_OVERRIDES = [
     "train.epochs=1",
     "train.max_steps_per_epoch=2",
     "train.device=cpu",
+    "data.num_workers=0",  # a worker's start costs more than these 64 px images
 ]
 
 

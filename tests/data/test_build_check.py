@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from detrkit.config import ConfigError, DataConfig, SyntheticConfig
 from detrkit.data import DatasetError
@@ -35,6 +36,25 @@ def test_build_synthetic_datasets_and_loaders(tmp_path):
     assert [t.image_id for _, ts in batches for t in ts] == val.image_ids  # not shuffled
     batch, _ = batches[0]
     assert batch.images.shape[0] == 2 and batch.orig_sizes.tolist() == [[64, 64], [64, 64]]
+
+
+def test_training_samples_do_not_depend_on_workers_or_on_skipped_batches(tmp_path):
+    train, _ = build_datasets(_tiny_data(tmp_path))
+
+    def batches(workers, skip=0):
+        loader = build_loader(train, 2, True, workers, seed=3, skip_batches=skip)
+        return [(b.images, [t.boxes for t in ts]) for b, ts in loader]
+
+    alone, with_worker, resumed = batches(0), batches(1), batches(0, skip=2)
+    assert len(alone) == 5 and len(resumed) == 3
+    for (a_img, a_boxes), (b_img, b_boxes) in zip(alone, with_worker, strict=True):
+        assert torch.equal(a_img, b_img) and all(map(torch.equal, a_boxes, b_boxes))
+    for (a_img, _), (b_img, _) in zip(alone[2:], resumed, strict=True):
+        assert torch.equal(a_img, b_img)  # the same augmentation, not the next draws
+    before = torch.get_rng_state()
+    batches(0)
+    assert torch.equal(before, torch.get_rng_state())  # the caller's generator is untouched
+    assert not all(torch.equal(a, b) for (a, _), (b, _) in zip(alone, batches(0)[::-1]))
 
 
 def test_build_coco_requires_paths(tmp_path):

@@ -97,11 +97,16 @@ class _Stop(Exception):
 
 
 def test_a_run_stopped_mid_epoch_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    # DINO: the denoising noise draws from torch's generator inside the forward
     extra = ["train.epochs=2", "train.checkpoint_every_steps=1", "train.warmup_steps=3"]
-    straight = Trainer(tiny_config(tmp_path / "a", *extra), progress=False, echo=None)
+
+    def tiny(path):
+        return tiny_config(path, *extra, preset="test_dino_tiny")
+
+    straight = Trainer(tiny(tmp_path / "a"), progress=False, echo=None)
     expected = straight.fit().history[1]["train"]
 
-    broken = Trainer(tiny_config(tmp_path / "b", *extra), progress=False, echo=None)
+    broken = Trainer(tiny(tmp_path / "b"), progress=False, echo=None)
     after = broken._after_step
 
     def stop_after_step_3(position, taken):
@@ -116,7 +121,7 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_same_weights(tmp_path, monkeypat
     state = load_train_state(last)
     assert (state.epoch, state.step, state.epoch_batches) == (1, 3, 1)  # inside epoch 2
 
-    resumed = Trainer(tiny_config(tmp_path / "b", *extra), progress=False, echo=None)
+    resumed = Trainer(tiny(tmp_path / "b"), progress=False, echo=None)
     result = resumed.fit(resume=last)
     assert _equal(_state(resumed.model), _state(straight.model))
     # the epoch's logged means include the steps trained before the interruption

@@ -46,6 +46,11 @@ def check_data(d: DataConfig) -> None:
         "data.mean and data.std need 3 values (RGB)",
     )
     require(
+        d.num_workers is None or d.num_workers >= 0,
+        "data.num_workers",
+        f"must be >= 0 or null (one per spare core), got {d.num_workers}",
+    )
+    require(
         not (d.format == "synthetic" and d.dataset),
         "data.dataset",
         "set data.format=auto (or coco, voc, yolo) to read a dataset; data.format=synthetic "

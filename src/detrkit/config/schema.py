@@ -121,7 +121,9 @@ class DataConfig:
     # class names mapped before indexing (VOC / YOLO names, COCO category names), for
     # instance {"Alive": "Tree", "Dead": "Tree"}
     rename: dict[str, str] = field(default_factory=dict)
-    num_workers: int = 0
+    # loader worker processes; null: one per spare core (at most 4) where processes can fork,
+    # else 0. The results do not depend on it (each sample is seeded on its own)
+    num_workers: int | None = None
     tiles: TileConfig = field(default_factory=TileConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from detrkit.data.synthetic import generate_shapes
 from detrkit.data.transforms import build_transforms
 from detrkit.structures import LabelMap
 
-__all__ = ["build_datasets", "build_loader", "SeededSamples"]
+__all__ = ["build_datasets", "build_loader", "loader_workers", "SeededSamples"]
 
 
 def build_datasets(data: DataConfig) -> tuple[CocoDetection, CocoDetection]:
@@ -130,11 +132,22 @@ class SeededSamples(Dataset):
             return self.dataset[index]
 
 
+def loader_workers(requested: int | None) -> int:
+    """``data.num_workers`` resolved: ``None`` is one worker per core beyond the first (at
+    most 4) where the platform forks processes (Linux), else 0 (spawning a worker re-imports
+    everything, which costs more than it saves on small runs)."""
+    if requested is not None:
+        return requested
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 0
+    return min(4, max(0, (os.cpu_count() or 1) - 1))
+
+
 def build_loader(
     dataset: Dataset,
     batch_size: int,
     train: bool,
-    num_workers: int,
+    num_workers: int | None,
     seed: int,
     skip_batches: int = 0,
 ) -> DataLoader:
@@ -144,6 +157,7 @@ def build_loader(
     its own seeded generator (:class:`SeededSamples`), so ``seed`` fixes the order and the
     augmentation whatever ``num_workers``; ``skip_batches`` leaves out the first batches of
     that order (resuming inside an epoch). Not train: in order. drop_last is False in both.
+    num_workers: see :func:`loader_workers`.
     """
     if train:
         n = len(dataset)  # type: ignore[arg-type]
@@ -156,8 +170,11 @@ def build_loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        num_workers=num_workers,
+        num_workers=loader_workers(num_workers),
         collate_fn=collate,
         drop_last=False,
         persistent_workers=False,
+        # the workers' base seed comes from here, not from (and not advancing) torch's global
+        # generator, which the model's own draws (denoising noise, dropout) must find as saved
+        generator=torch.Generator().manual_seed(seed),
     )
