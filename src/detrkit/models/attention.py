@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detrkit.ops.precision import full_precision
+
 __all__ = [
     "SELF_PROJECTIONS",
     "CROSS_PROJECTIONS",
@@ -42,7 +44,8 @@ def multi_head_attention(
     padding_mask: Tensor | None = None,
 ) -> Tensor:
     """Attention of already projected ``q`` ``[B, N, H*Dq]``, ``k`` ``[B, S, H*Dq]``, ``v``
-    ``[B, S, H*Dv]``; scores scaled by ``Dq ** -0.5``. Returns ``[B, N, H*Dv]``."""
+    ``[B, S, H*Dv]``; scores scaled by ``Dq ** -0.5``. Returns ``[B, N, H*Dv]``. The softmax
+    runs in float32 also when autocast computed the scores in half precision."""
     b, n, _ = q.shape
     s = k.shape[1]
     q = q.reshape(b, n, nheads, -1).transpose(1, 2)  # [B, H, N, Dq]
@@ -53,7 +56,7 @@ def multi_head_attention(
         scores = scores.masked_fill(attn_mask, float("-inf"))
     if padding_mask is not None:
         scores = scores.masked_fill(padding_mask[:, None, None, :], float("-inf"))
-    weights = F.dropout(scores.softmax(-1), dropout, training)
+    weights = F.dropout(full_precision(scores).softmax(-1), dropout, training).to(v.dtype)
     return (weights @ v).transpose(1, 2).reshape(b, n, -1)  # [B, N, H*Dv]
 
 

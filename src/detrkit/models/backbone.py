@@ -60,13 +60,17 @@ class FrozenBatchNorm2d(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        """``[B, C, H, W]`` -> ``[B, C, H, W]``."""
+        """``[B, C, H, W]`` -> ``[B, C, H, W]``. Under bfloat16 autocast the folded scale and
+        shift are cast to bfloat16 (float32's range: nothing overflows), so the backbone stays
+        in bfloat16 between its convolutions; float16 activations get a float32 result."""
         w = self.weight.reshape(1, -1, 1, 1)
         b = self.bias.reshape(1, -1, 1, 1)
         rv = self.running_var.reshape(1, -1, 1, 1)
         rm = self.running_mean.reshape(1, -1, 1, 1)
         scale = w * (rv + self.eps).rsqrt()
         shift = b - rm * scale
+        if x.dtype == torch.bfloat16:
+            scale, shift = scale.to(x.dtype), shift.to(x.dtype)
         return x * scale + shift
 
     def extra_repr(self) -> str:

@@ -4,6 +4,10 @@ Sine embeddings: a coordinate ``x`` (normalised, times ``scale``) is divided by 
 frequencies ``temperature ** (2 (k // 2) / F)`` and gives ``(sin f0, cos f1, sin f2, ...)``;
 the frequencies are float32 (as in every official implementation), so the result is float32
 for float32 or lower-precision inputs and float64 for float64 inputs.
+
+Box arithmetic (:func:`box_sine_embedding`, :func:`refine_boxes`) is a float32 island
+(:func:`~detrkit.ops.precision.float32_island`): under autocast it runs with autocast off on
+float32 copies of half-precision inputs.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrkit.boxes import inverse_sigmoid
+from detrkit.ops.precision import float32_island
 
 __all__ = [
     "MLP",
@@ -82,6 +87,7 @@ def sine_features(values: Tensor, frequencies: Tensor) -> Tensor:
     return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
 
 
+@float32_island
 def box_sine_embedding(
     coords: Tensor,
     num_feats: int,
@@ -110,6 +116,7 @@ def box_sine_embedding(
     return torch.cat([sine_features(coords[..., i] * scale, freqs) for i in order if i < k], -1)
 
 
+@float32_island
 def refine_boxes(delta: Tensor, reference: Tensor | None, eps: float) -> Tensor:
     """Apply a box head's output to a reference in inverse-sigmoid space.
 
@@ -121,7 +128,7 @@ def refine_boxes(delta: Tensor, reference: Tensor | None, eps: float) -> Tensor:
         eps: clamp of :func:`~detrkit.boxes.inverse_sigmoid`.
 
     Returns:
-        ``[..., 4]`` normalised cxcywh boxes.
+        ``[..., 4]`` normalised cxcywh boxes (float32 under autocast).
     """
     if reference is None:
         return delta.sigmoid()

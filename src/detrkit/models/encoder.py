@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from detrkit.models.embeddings import MLP
 from detrkit.models.layers import EncoderLayer, LayerSpec, Levels
+from detrkit.ops.precision import float32_island
 
 __all__ = ["valid_ratio", "flatten_levels", "encoder_reference_points", "Encoder"]
 
@@ -59,6 +60,7 @@ def flatten_levels(
     return tokens, levels
 
 
+@float32_island
 def encoder_reference_points(
     spatial_shapes: Sequence[tuple[int, int]], valid_ratios: Tensor
 ) -> Tensor:

@@ -25,6 +25,7 @@ from detrkit.boxes import inverse_sigmoid
 from detrkit.models.embeddings import XYWH, box_sine_embedding, gather_tokens
 from detrkit.models.heads import Heads
 from detrkit.models.layers import Levels
+from detrkit.ops.precision import float32_island, full_precision
 from detrkit.structures import ProposalOutput
 
 __all__ = ["Queries", "encoder_proposals", "QueryInitialiser"]
@@ -45,6 +46,7 @@ class Queries:
     selected: Tensor | None = None
 
 
+@float32_island
 def encoder_proposals(
     padding_mask: Tensor, spatial_shapes: Sequence[tuple[int, int]], base_size: float = 0.05
 ) -> tuple[Tensor, Tensor]:
@@ -182,10 +184,14 @@ class QueryInitialiser(nn.Module):
             reference = anchors.sigmoid().repeat(max(self.num_patterns, 1), 1)  # [Q', 4]
             return None, reference[None].expand(batch, -1, -1)
         pos = self.query_pos.weight[None].expand(batch, -1, -1)  # [B, Q, d]
-        reference = (
-            None if self.reference_points is None else self.reference_points(pos).sigmoid()
-        )  # [B, Q, 2]
+        reference = None if self.reference_points is None else self._points(pos)  # [B, Q, 2]
         return pos, reference
+
+    @float32_island
+    def _points(self, pos: Tensor) -> Tensor:
+        """2-D reference points ``[B, Q, 2]`` of the positional queries, float32 (a 2-wide
+        projection: a float32 island costs nothing and keeps the points exact)."""
+        return self.reference_points(pos).sigmoid()
 
     def _content(self, batch: int, like: Tensor, label_content: Tensor | None) -> Tensor:
         """Content ``zero`` / ``learned`` / ``label`` ``[B, Q, d]`` (indicator 0 appended)."""
@@ -213,7 +219,7 @@ class QueryInitialiser(nn.Module):
         )  # [B, S, d]
         class_head, box_head = heads.encoder()
         logits = class_head(features)  # [B, S, C]
-        boxes_unact = box_head(features) + proposals  # [B, S, 4]
+        boxes_unact = full_precision(box_head(features)) + proposals  # [B, S, 4] float32
         score = logits[..., 0] if self.kind == "two_stage" else logits.max(-1)[0]  # [B, S]
         # a run-time check (not a shape guard), so that an exported graph keeps any input size
         torch._check_with(

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from detrkit.ops.msda.dispatch import Backend, ms_deform_attn
 from detrkit.ops.msda.reference import SpatialShapes, as_shape_list
+from detrkit.ops.precision import float32_island
 
 __all__ = ["MSDeformAttn"]
 
@@ -126,15 +127,39 @@ class MSDeformAttn(nn.Module):
         sampling_offsets = self.sampling_offsets(query).view(
             batch, len_q, self.nheads, self.n_levels, self.n_points, 2
         )
-        attention_weights = self.attention_weights(query).view(
+        attention_logits = self.attention_weights(query).view(
             batch, len_q, self.nheads, self.n_levels * self.n_points
         )
-        attention_weights = F.softmax(attention_weights, -1).view(
+        output = self._sample(
+            value,
+            sampling_offsets,
+            attention_logits,
+            reference_points,
+            spatial_shapes,
+            level_start_index,
+        )
+        return self.output_proj(output)
+
+    @float32_island
+    def _sample(
+        self,
+        value: Tensor,
+        sampling_offsets: Tensor,
+        attention_logits: Tensor,
+        reference_points: Tensor,
+        spatial_shapes: SpatialShapes,
+        level_start_index: Tensor | None,
+    ) -> Tensor:
+        """Softmax of the attention logits ``[B, Q, heads, L*P]``, sampling locations and the
+        sampling itself -> ``[B, Q, heads * C]``. A float32 island: under autocast the
+        projections before it ran in reduced precision, everything here runs in float32 (the
+        output is float32; ``output_proj`` casts it back down)."""
+        batch, len_q = attention_logits.shape[:2]
+        attention_weights = F.softmax(attention_logits, -1).view(
             batch, len_q, self.nheads, self.n_levels, self.n_points
         )
-
         sampling_locations = self._locations(reference_points, sampling_offsets, spatial_shapes)
-        output = ms_deform_attn(
+        return ms_deform_attn(
             value,
             spatial_shapes,
             level_start_index,
@@ -142,7 +167,6 @@ class MSDeformAttn(nn.Module):
             attention_weights,
             backend=self.backend,
         )
-        return self.output_proj(output)
 
     def _locations(
         self, reference_points: Tensor, offsets: Tensor, spatial_shapes: SpatialShapes
