@@ -32,6 +32,7 @@ from detrkit.cli_common import (
 )
 from detrkit.cli_data import add_check_data, add_convert_data
 from detrkit.cli_deploy import add_export, add_predict
+from detrkit.cli_run import add_plot
 
 if TYPE_CHECKING:  # pragma: no cover
     from detrkit.config import Config
@@ -46,10 +47,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean "the input is wrong", not "detrkit is broken"."""
     from detrkit.config import ConfigError
     from detrkit.data.errors import DatasetError
+    from detrkit.engine.atomic import DamagedCheckpoint
+    from detrkit.engine.guard import TrainingDiverged
     from detrkit.export.onnx import ExportError
 
     return (
         ExportError,
+        DamagedCheckpoint,
+        TrainingDiverged,
         UsageError,
         ConfigError,
         DatasetError,
@@ -89,9 +94,9 @@ def _train_config(
     if weights is not None:  # the architecture (and recipe) the weights were trained with
         return _fitted(apply_overrides(weights.config, overrides)), chosen
     if args.resume is not None:  # continue with the config stored in the checkpoint
-        from detrkit.engine.checkpoint import load_checkpoint
+        from detrkit.engine.checkpoint import find_resumable, load_checkpoint
 
-        stem = checkpoint_path(args.resume)
+        stem, _ = find_resumable(args.resume)  # the trainer says it when it falls back
         with reading(stem):
             _, cfg, _, _ = load_checkpoint(stem)
         return _fitted(apply_overrides(cfg, overrides)), True
@@ -148,7 +153,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         with reading(Path(args.init_from)):  # a conversion error names the file
             weights = read_pretrained(args.init_from)
     cfg, chosen = _train_config(args, weights)
-    resume = checkpoint_path(args.resume) if args.resume is not None else None
+    resume = Path(args.resume) if args.resume is not None else None
     trainer = Trainer(
         cfg, progress=not args.quiet, init=weights, classes_from_data=not chosen and not resume
     )
@@ -258,8 +263,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", metavar="DIR", help="same as --set train.output_dir=DIR")
     p.add_argument(
         "--resume",
-        metavar="CHECKPOINT",
-        help="continue a run from its checkpoint_last (optimiser, schedule, RNG)",
+        metavar="RUN",
+        help="continue a run: its folder or its checkpoint_last (weights, optimiser, schedule, "
+        "RNG, position in the epoch); a damaged checkpoint_last falls back to checkpoint_prev",
     )
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (same as --set train.device=)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -328,6 +334,7 @@ _SUBCOMMANDS = (
     _add_convert,
     add_check_data,
     add_convert_data,
+    add_plot,
     _add_bench,
     _add_demo,
 )

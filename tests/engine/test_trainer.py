@@ -32,7 +32,8 @@ def test_a_run_writes_config_metrics_and_checkpoints(tmp_path):
     assert {"AP", "AP50", "loss"} <= rows[1]["eval"].keys()
     assert rows[0]["train"]["steps"] == 2 and rows[0]["lr"] == cfg.train.lr
     assert rows[0]["lr_backbone"] == cfg.train.lr_backbone and rows[0]["time_s"] > 0
-    assert [line.split()[1] for line in lines] == ["1/2", "2/2"]
+    assert [line.split()[1] for line in lines[:2]] == ["1/2", "2/2"]
+    assert lines[2:] == [f"curves: {run / 'curves.png'}"] and (run / "curves.png").is_file()
     assert result.epochs == 2 and result.best_ap == rows[1]["eval"]["AP"]
     for name in ("checkpoint_last", "checkpoint_best"):
         state, saved_cfg, label_map, meta = load_checkpoint(run / name)

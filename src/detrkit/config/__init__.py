@@ -40,7 +40,7 @@ from detrkit.config.schema import (
     TileConfig,
     TrainConfig,
 )
-from detrkit.config.validate import fit_to_classes
+from detrkit.config.validate import fit_class_count, fit_to_classes
 
 __all__ = [
     "BackboneConfig",
@@ -70,5 +70,6 @@ __all__ = [
     "apply_overrides",
     "read_config_file",
     "save_config",
+    "fit_class_count",
     "fit_to_classes",
 ]

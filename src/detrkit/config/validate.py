@@ -8,6 +8,7 @@ combination builds, and every switch in it changes the model (``tests/config``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -277,6 +278,29 @@ def validate_model(m: ModelConfig) -> None:
     for rule in MODEL_RULES:
         if rule.broken(m):
             raise ConfigError(f"{rule.key}: does not apply with {rule.other} as set: {rule.why}")
+
+
+def fit_class_count(cfg: Config, have: int, from_data: bool) -> tuple[Config, list[str]]:
+    """``model.num_classes`` checked against the ``have`` classes of the training data, or
+    (``from_data``: the run did not choose it) set to it; returns the config (validated)
+    and notes. More classes in the data than the model has is an error."""
+    want = cfg.model.num_classes
+    notes = []
+    if from_data and have != want:
+        model = dataclasses.replace(cfg.model, num_classes=have)
+        cfg, notes = fit_to_classes(dataclasses.replace(cfg, model=model))
+        notes.insert(0, f"model.num_classes: {have}, the classes of the training data")
+    elif have > want:
+        raise ConfigError(
+            f"model.num_classes: {want} but the training data has {have} classes; set "
+            f"model.num_classes={have} (or leave it unset to take the data's)"
+        )
+    elif have < want:
+        notes.append(
+            f"model.num_classes: {want} but the training data has {have} classes; "
+            f"class indices {have}..{want - 1} have no data and stay unused"
+        )
+    return cfg.validate(), notes
 
 
 def fit_to_classes(cfg: Config) -> tuple[Config, list[str]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,7 @@ __all__ = [
     "wrap_model",
     "unwrap_model",
     "barrier",
+    "from_main",
     "shutdown",
 ]
 
@@ -81,6 +83,16 @@ def wrap_model(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Mod
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (or ``model`` itself)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def from_main(value: Any, info: DistInfo) -> Any:
+    """The main process's ``value`` on every process (a picklable object; ``value`` itself
+    when not distributed): a decision only the main process can make, such as stopping."""
+    if not info.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier(info: DistInfo) -> None:

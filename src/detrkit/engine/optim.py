@@ -25,6 +25,7 @@ __all__ = [
     "param_groups",
     "build_optimizer",
     "LrSchedule",
+    "steps_per_epoch",
     "group_lrs",
     "is_backbone_param",
 ]
@@ -131,6 +132,14 @@ class LrSchedule:
         for group in optimizer.param_groups:
             group.setdefault("base_lr", group["lr"])
             group["lr"] = group["base_lr"] * value
+
+
+def steps_per_epoch(samples: int, batch_size: int, accumulate: int, cap: int | None) -> int:
+    """Optimiser steps of an epoch over ``samples`` (one process's shard): batches (the last
+    one partial) grouped by ``accumulate`` (the last group partial), at most ``cap``."""
+    batches = math.ceil(samples / batch_size)
+    steps = math.ceil(batches / accumulate)
+    return steps if cap is None else min(steps, cap)
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
