@@ -18,12 +18,16 @@ import torch
 from PIL import Image
 
 from detrkit.config import Config, apply_overrides
-from detrkit.presets import get_preset
+from detrkit.presets import get_preset, list_presets
 from detrkit.structures import Target
 
 REPO = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- tiny runs
+
+# the tiny CPU variant of every preset (``test_*``) and the full-size presets
+TINY_PRESETS = [name for name in list_presets() if name.startswith("test_")]
+FULL_PRESETS = [name for name in list_presets() if not name.startswith("test_")]
 
 TINY_OVERRIDES = [
     "data.synthetic.num_train=16",

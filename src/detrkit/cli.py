@@ -158,6 +158,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg, progress=not args.quiet, init=weights, classes_from_data=not chosen and not resume
     )
     result = trainer.fit(resume=resume)
+    if not result.main_process:  # the main process reports for all
+        return 0
     print(f"done: {result.epochs} epochs, best AP {max(result.best_ap, 0.0):.4f}")
     print(
         f"  checkpoints: {result.last_checkpoint}.safetensors"

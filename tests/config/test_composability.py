@@ -15,10 +15,10 @@ import torchvision
 from detrkit.config import Config, ConfigError, ModelConfig, apply_overrides
 from detrkit.criterion import build_criterion
 from detrkit.models import build_model
-from detrkit.presets import get_preset, list_presets
-from tests.conftest import random_targets
+from detrkit.presets import get_preset
+from tests.conftest import TINY_PRESETS, random_targets
 
-TINY = [p for p in list_presets() if p.startswith("test_")]
+TINY = TINY_PRESETS
 # a backend choice, numerically identical by design (tests/ops compares the backends forward
 # and backward); validation refuses any value but "auto" with global attention
 EXEMPT = {"model.transformer.msda_backend"}

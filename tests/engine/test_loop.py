@@ -91,9 +91,9 @@ def test_bf16_autocast_trains_with_a_float32_criterion(setup):
     model, criterion, optimizer = _pieces(cfg)
     seen_dtypes = []
 
-    def spy(outputs, targets):
+    def spy(outputs, targets, num_boxes=None):
         seen_dtypes.append(outputs.logits.dtype)
-        return criterion(outputs, targets)
+        return criterion(outputs, targets, num_boxes)
 
     spy_criterion = nn.Module()
     spy_criterion.forward = spy  # type: ignore[method-assign]

@@ -139,8 +139,8 @@ def test_a_diverging_run_stops_with_a_loadable_checkpoint(tmp_path, monkeypatch)
     forward = trainer.criterion.forward
     calls = {"n": 0}
 
-    def poisoned(outputs, targets):
-        losses = forward(outputs, targets)
+    def poisoned(outputs, targets, num_boxes=None):
+        losses = forward(outputs, targets, num_boxes)
         calls["n"] += 1
         if calls["n"] > 2:  # epoch 1 is fine, then every step is NaN
             losses.total = losses.total * math.nan

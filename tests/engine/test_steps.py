@@ -96,8 +96,8 @@ class _PoisonedCriterion(nn.Module):
         self.criterion, self.bad_calls, self.term = criterion, bad_calls, term
         self.calls = 0
 
-    def forward(self, outputs, targets):
-        losses = self.criterion(outputs, targets)
+    def forward(self, outputs, targets, num_boxes=None):
+        losses = self.criterion(outputs, targets, num_boxes)
         self.calls += 1
         if self.calls - 1 in self.bad_calls:
             value = losses.terms[self.term]

@@ -17,11 +17,11 @@ from detrkit.engine.transfer import (
 )
 from detrkit.models import build_model
 from detrkit.models.heads import prior_prob_bias
-from detrkit.presets import get_preset, list_presets
+from detrkit.presets import get_preset
 from detrkit.structures import LabelMap
-from tests.conftest import padded_batch
+from tests.conftest import TINY_PRESETS, padded_batch
 
-TINY = [name for name in list_presets() if name.startswith("test_")]
+TINY = TINY_PRESETS
 
 
 def _source(preset: str, seed: int = 0) -> tuple[torch.nn.Module, PretrainedWeights]:

@@ -19,11 +19,12 @@ from detrkit import Detector
 from detrkit.export import ExportedModel, ExportError, read_export
 from detrkit.export.check import labels_agree
 from detrkit.export.graph import example_inputs
-from detrkit.presets import get_preset, list_presets
+from detrkit.presets import get_preset
+from tests.conftest import FULL_PRESETS, TINY_PRESETS
 from tests.export.exports import ExportPool, Job, seeded_detector
 
-TINY = [p for p in list_presets() if p.startswith("test_")]
-FULL = [p for p in list_presets() if not p.startswith("test_")]
+TINY = TINY_PRESETS
+FULL = FULL_PRESETS
 OPENVINO = importlib.util.find_spec("openvino") is not None
 EVERY_PRESET = "test_every_preset_exports_and_passes_the_check"
 DEPLOY = "deploy at opset 13"

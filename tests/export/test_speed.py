@@ -13,13 +13,14 @@ pytest.importorskip("onnxscript")
 
 from detrkit.export.speed import SpeedRow, format_table, full_size_presets, run_export_benchmark
 from detrkit.presets import list_presets
+from tests.conftest import TINY_PRESETS
 
 
 def test_the_default_is_every_full_size_preset():
     from detrkit.export.speed import _parser
 
     presets = _parser().parse_args([]).presets.split(",")
-    tiny = [p for p in list_presets() if p.startswith("test_")]
+    tiny = TINY_PRESETS
     assert tiny and sorted(presets + tiny) == list_presets()
     assert presets == full_size_presets()
 

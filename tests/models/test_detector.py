@@ -9,11 +9,11 @@ from torch import nn
 from detrkit.criterion import build_criterion
 from detrkit.models import DetectionModel, build_model
 from detrkit.models.backbone import interpolate_mask
-from detrkit.presets import get_preset, list_presets
-from tests.conftest import random_targets
+from detrkit.presets import get_preset
+from tests.conftest import FULL_PRESETS, TINY_PRESETS, random_targets
 
-TINY = [p for p in list_presets() if p.startswith("test_")]
-FULL = [p for p in list_presets() if not p.startswith("test_")]
+TINY = TINY_PRESETS
+FULL = FULL_PRESETS
 
 
 @pytest.mark.parametrize("name", TINY)

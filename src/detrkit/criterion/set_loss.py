@@ -13,8 +13,9 @@ earlier layers, ``_enc`` / ``_interm`` for the encoder proposals):
   of targets|, averaged over images: the official definition, kept for all models),
   optionally ``loss_xy<s>`` / ``loss_hw<s>`` (the L1 term split into centre and size).
 
-``num_boxes`` is the number of target boxes in the batch (averaged over processes when
-``torch.distributed`` is initialised), clamped at 1, the same for every layer.
+``num_boxes`` is the number of target boxes in the batch, clamped at 1, the same for every
+layer; a multi-process training step passes the count averaged over its processes instead
+(:func:`detrkit.engine.distributed.mean_over_processes`), as the official implementations do.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -137,19 +137,27 @@ class SetCriterion(nn.Module):
 
     # ------------------------------------------------------------------ entry point
 
-    def forward(self, outputs: DetectorOutput, targets: list[Target]) -> LossOutput:
+    def forward(
+        self, outputs: DetectorOutput, targets: list[Target], num_boxes: float | None = None
+    ) -> LossOutput:
         """Compute every term; all computation is float32 (autocast is switched off inside).
 
         Args:
             outputs: model output; logits ``[B, Q, C]``, boxes ``[B, Q, 4]`` normalised cxcywh.
             targets: ``B`` targets, boxes ``[N, 4]`` normalised cxcywh, labels ``[N]`` int64.
+            num_boxes: normaliser of the box and focal terms; default: the targets' box count.
+                Clamped at 1.
         """
         device = outputs.logits.device
         with torch.autocast(device.type, enabled=False):
-            return self._forward(outputs, targets, device)
+            return self._forward(outputs, targets, device, num_boxes)
 
     def _forward(
-        self, outputs: DetectorOutput, targets: list[Target], device: torch.device
+        self,
+        outputs: DetectorOutput,
+        targets: list[Target],
+        device: torch.device,
+        num_boxes: float | None,
     ) -> LossOutput:
         if len(targets) != outputs.logits.shape[0]:
             raise ValueError(
@@ -165,7 +173,9 @@ class SetCriterion(nn.Module):
                 "against the dataset's label map"
             )
         boxes = [t.boxes.to(device, torch.float32).reshape(-1, 4) for t in targets]
-        num_boxes = self.num_boxes(sum(int(lab.shape[0]) for lab in labels), device)
+        if num_boxes is None:
+            num_boxes = float(sum(int(lab.shape[0]) for lab in labels))
+        num_boxes = max(num_boxes, 1.0)
 
         layers: list[tuple[str, str, LayerOutput, list[Tensor], bool]] = [
             ("final", "", outputs.final, labels, True)
@@ -204,16 +214,6 @@ class SetCriterion(nn.Module):
         return LossOutput(total=total, terms=terms, indices=indices)
 
     # ------------------------------------------------------------------ pieces
-
-    def num_boxes(self, local_count: int, device: torch.device) -> float:
-        """Normaliser of the box and focal terms: targets in the batch, averaged over the
-        processes of an initialised ``torch.distributed`` group, clamped at 1."""
-        count = torch.as_tensor([float(local_count)], dtype=torch.float32, device=device)
-        world = 1
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(count)
-            world = dist.get_world_size()
-        return torch.clamp(count / world, min=1).item()
 
     def weighted_sum(self, layer_terms: dict[str, Tensor]) -> Tensor:
         """``class_weight * loss_ce + bbox_weight * loss_bbox + giou_weight * loss_giou``."""

@@ -150,6 +150,7 @@ def build_loader(
     num_workers: int | None,
     seed: int,
     skip_batches: int = 0,
+    shard: tuple[int, int] = (0, 1),
 ) -> DataLoader:
     """A DataLoader yielding ``(ImageBatch, list[Target])`` (see :func:`collate`).
 
@@ -158,14 +159,26 @@ def build_loader(
     augmentation whatever ``num_workers``; ``skip_batches`` leaves out the first batches of
     that order (resuming inside an epoch). Not train: in order. drop_last is False in both.
     num_workers: see :func:`loader_workers`.
+    shard: ``(rank, world_size)`` of a multi-process run: the process's share of the order,
+        every ``world_size``-th sample from ``rank``. In training the order is first padded
+        by repeating its start to a multiple of ``world_size`` (every process runs the same
+        number of steps), so step ``k`` of ``N`` processes with batch ``b`` sees the samples of
+        step ``k`` of one process with batch ``N * b``; in evaluation nothing is repeated
+        (each image is scored once; the shards may differ by one image).
     """
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(
+            f"build_loader: shard {shard} is not (rank, world_size) with rank < world_size"
+        )
+    n = len(dataset)  # type: ignore[arg-type]
     if train:
-        n = len(dataset)  # type: ignore[arg-type]
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        order = (order + (order * world)[: (-n) % world])[rank::world]
         sampler: list[int] | None = order[skip_batches * batch_size :]
         dataset = SeededSamples(dataset, seed)
     else:
-        sampler = list(range(skip_batches * batch_size, len(dataset)))  # type: ignore[arg-type]
+        sampler = list(range(n))[rank::world][skip_batches * batch_size :]
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -105,6 +105,18 @@ class CocoEvaluator:
                     }
                 )
 
+    def state(self) -> tuple[list[dict], list[int], int]:
+        """What :meth:`update` accumulated (results, evaluated image ids, unlabelled count): a
+        picklable record another process's evaluator can :meth:`merge`."""
+        return self.results, self.evaluated_ids, self.unlabelled
+
+    def merge(self, states: list[tuple[list[dict], list[int], int]]) -> None:
+        """Replace the accumulated detections by the union of ``states`` (every process's
+        :meth:`state`, this one's included), so :meth:`summarize` scores all of them once."""
+        self.results = [r for results, _, _ in states for r in results]
+        self.evaluated_ids = [i for _, ids, _ in states for i in ids]
+        self.unlabelled = sum(count for _, _, count in states)
+
     def summarize(self) -> dict[str, float]:
         """``AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100`` in ``[0, 1]`` over the images seen
         by :meth:`update`. Metrics COCO cannot define (no image evaluated, or no ground truth

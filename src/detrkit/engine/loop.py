@@ -143,6 +143,7 @@ def evaluate(
     criterion: nn.Module | None = None,
     max_steps: int | None = None,
     progress: bool = True,
+    gather: Callable[[Any], list[Any] | None] | None = None,
 ) -> dict[str, float]:
     """Run ``model`` over ``loader`` and score the detections with ``evaluator``.
 
@@ -152,7 +153,13 @@ def evaluate(
     detections)`` then ``summarize() -> dict``). With ``criterion`` the mean validation
     losses are added under the criterion's names (``loss`` = the weighted total).
 
-    Returns the evaluator's metrics (``AP``, ``AP50``, ...) and the losses when computed.
+    ``gather`` (a multi-process run, each process with its shard of the validation set, e.g.
+    :func:`~detrkit.engine.distributed.gather_to_main`) takes this process's
+    ``(evaluator.state(), loss sums, batches)`` and returns every process's on the one that
+    scores, None on the others, which then return ``{}``.
+
+    Returns the evaluator's metrics (``AP``, ``AP50``, ...), ``images`` (how many were
+    scored) and the losses when computed.
     """
     model.eval()
     if criterion is not None:
@@ -163,25 +170,68 @@ def evaluate(
     for batch, targets in loader:
         if max_steps is not None and steps >= max_steps:
             break
-        batch = batch.to(device)
-        with autocast(device, amp):
-            outputs = model(batch.images, batch.mask)
-        outputs = to_float32(outputs)
-        if criterion is not None:
-            losses = criterion(outputs, [t.to(device) for t in targets])
-            sums["loss"] += losses.total.item()
-            for key, value in losses.terms.items():
-                sums[key] += float(value)
-        detections = postprocessor(outputs, batch.orig_sizes)
-        detections = [
-            Detections(d.boxes_xyxy.cpu(), d.scores.cpu(), d.labels.cpu(), d.query_index.cpu())
-            for d in detections
-        ]
-        evaluator.update([t.image_id for t in targets], detections)
+        _score_batch(model, postprocessor, evaluator, criterion, batch, targets, device, amp, sums)
         steps += 1
         bar.update()
     bar.close()
+    if gather is not None:
+        merged = _merge_shards(evaluator, dict(sums), steps, gather)
+        if merged is None:
+            return {}
+        sums, steps = merged
     metrics = {key: float(value) for key, value in evaluator.summarize().items()}
+    metrics["images"] = float(len(set(evaluator.evaluated_ids)))
     if criterion is not None and steps:
         metrics.update({key: value / steps for key, value in sums.items()})
     return metrics
+
+
+def _score_batch(
+    model: nn.Module,
+    postprocessor: Callable[..., list[Detections]],
+    evaluator: Any,
+    criterion: nn.Module | None,
+    batch: Batch,
+    targets: list[Any],
+    device: torch.device,
+    amp: AmpMode,
+    sums: dict[str, float],
+) -> None:
+    """Forward one validation batch, add its losses to ``sums`` and its detections to ``evaluator``."""
+    batch = batch.to(device)
+    with autocast(device, amp):
+        outputs = model(batch.images, batch.mask)
+    outputs = to_float32(outputs)
+    if criterion is not None:
+        losses = criterion(outputs, [t.to(device) for t in targets])
+        sums["loss"] += losses.total.item()
+        for key, value in losses.terms.items():
+            sums[key] += float(value)
+    detections = postprocessor(outputs, batch.orig_sizes)
+    detections = [
+        Detections(d.boxes_xyxy.cpu(), d.scores.cpu(), d.labels.cpu(), d.query_index.cpu())
+        for d in detections
+    ]
+    evaluator.update([t.image_id for t in targets], detections)
+
+
+def _merge_shards(
+    evaluator: Any,
+    sums: dict[str, float],
+    steps: int,
+    gather: Callable[[Any], list[Any] | None],
+) -> tuple[dict[str, float], int] | None:
+    """Pool every process's evaluator state, loss sums and batch count on the scoring one.
+
+    Returns the pooled ``(sums, steps)`` there (``evaluator`` now holds every shard's
+    detections) and None on the other processes.
+    """
+    parts = gather((evaluator.state(), sums, steps))
+    if parts is None:
+        return None
+    evaluator.merge([state for state, _, _ in parts])
+    pooled: dict[str, float] = defaultdict(float)
+    for _, part, _ in parts:
+        for key, value in part.items():
+            pooled[key] += value
+    return dict(pooled), sum(count for _, _, count in parts)

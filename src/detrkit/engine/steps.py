@@ -19,10 +19,10 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from detrkit.engine.distributed import all_agree, mean_over_processes
 from detrkit.engine.guard import NonFiniteGuard, non_finite_terms
 from detrkit.engine.precision import AmpMode, autocast, to_float32
 from detrkit.structures import ImageBatch, Target
@@ -56,16 +56,6 @@ class StepHooks:
     after: Callable[[EpochPosition, bool], None] | None = None
 
 
-def _agree(flag: bool) -> bool:
-    """``flag`` on every process (logical and across ranks; the flag itself when not
-    distributed): ranks must skip a step together or DDP waits for the one that did not."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item() > 0.5)
-
-
 def forward_loss(
     model: nn.Module,
     criterion: nn.Module,
@@ -76,20 +66,32 @@ def forward_loss(
     amp: AmpMode,
 ) -> tuple[Any, str | None]:
     """The criterion's losses of one batch (forward under autocast, criterion in float32),
-    or ``(None, why)`` when the model's outputs are not finite (a corrupt image, an
-    overflow): the matching cannot use NaN boxes."""
+    or ``(None, why)`` when the model's outputs or a loss term are not finite (a corrupt
+    image, an overflow; the matching cannot use NaN boxes) on this or another process."""
     batch = batch.to(device)
     targets = [t.to(device) for t in targets]
+    # every process reaches both collectives (box count, agreement) whatever its batch holds
+    num_boxes = mean_over_processes(float(sum(len(t.labels) for t in targets)), device)
     with autocast(device, amp):
         outputs = model(batch.images, batch.mask, targets)
     outputs = to_float32(outputs)
+    losses, reason = None, _non_finite_outputs(outputs)
+    if reason is None:
+        losses = criterion(outputs, targets, num_boxes)
+        reason = non_finite_terms(losses.total, losses.terms)
+    if not all_agree(reason is None, device):
+        return None, reason or "non-finite loss on another process"
+    return losses, None
+
+
+def _non_finite_outputs(outputs: Any) -> str | None:
     layers = [("final", outputs.logits, outputs.boxes)]
     layers += [(f"layer {i}", aux.logits, aux.boxes) for i, aux in enumerate(outputs.aux)]
     for name, logits, boxes in layers:
         for kind, value in (("logits", logits), ("boxes", boxes)):
             if not bool(torch.isfinite(value.detach()).all()):
-                return None, f"the model's {kind} ({name}) are not finite"
-    return criterion(outputs, targets), None
+                return f"the model's {kind} ({name}) are not finite"
+    return None
 
 
 class Step:
@@ -103,10 +105,8 @@ class Step:
 
     def add(self, result: tuple[Any, str | None], scaler: torch.amp.GradScaler | None) -> None:
         losses, reason = result
-        if reason is None:
-            reason = non_finite_terms(losses.total, losses.terms)
-        if not _agree(reason is None):
-            self.bad = reason or "non-finite loss on another process"
+        if reason is not None:
+            self.bad = reason
             return
         loss = losses.total / self.size
         (scaler.scale(loss) if scaler is not None else loss).backward()

@@ -9,10 +9,15 @@ What a run writes into ``cfg.train.output_dir``:
   ``train.checkpoint_every_steps`` optimiser steps), with ``checkpoint_last.train.pt``
   (optimiser, scaler, EMA, RNG, epoch, step, position in the epoch) for ``fit(resume=...)``;
   the previous one is kept as ``checkpoint_prev`` until the new one is complete;
-* ``checkpoint_best.{safetensors,json}`` whenever the validation AP improves.
+* ``checkpoint_best.{safetensors,json}`` whenever the validation AP improves;
+* ``curves.png`` at the end (loss terms and AP per epoch; ``detrkit plot RUN`` redraws it) and,
+  with ``train.tensorboard``, TensorBoard scalars in ``tensorboard/``.
 
 With ``train.ema`` the checkpoints' weights are the averaged ones (what is evaluated, and what
 ``predict`` and ``export`` load); the raw weights are in the ``.train.pt`` resume state.
+
+Under ``torchrun`` every process trains and evaluates its shard (:mod:`.distributed`); the
+main process alone scores, logs and writes the files.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,8 +35,8 @@ from detrkit.engine.device import resolve_device, use_deterministic_algorithms
 from detrkit.engine.distributed import (
     barrier,
     from_main,
+    gather_to_main,
     init_distributed,
-    shard_dataset,
     shutdown,
     unwrap_model,
     wrap_model,
@@ -65,6 +71,7 @@ class FitResult:
     best_checkpoint: Path | None
     history: list[dict] = field(default_factory=list)  # the metrics.jsonl rows of this call
     stopped_early: str | None = None  # why the run ended before train.epochs, if it did
+    main_process: bool = True  # False on the other processes of a torchrun (nothing written)
 
 
 class Trainer(RunFiles):
@@ -191,14 +198,14 @@ class Trainer(RunFiles):
         from detrkit.data.build import build_loader
 
         seed = self.cfg.train.seed + epoch
-        dataset = shard_dataset(self.train_dataset, self.dist, seed)
         return build_loader(
-            dataset,
+            self.train_dataset,
             self.cfg.train.batch_size,
             train=True,
             num_workers=self.cfg.data.num_workers,
             seed=seed,
             skip_batches=skip_batches,
+            shard=(self.dist.rank, self.dist.world_size),
         )
 
     def val_loader(self):
@@ -210,13 +217,16 @@ class Trainer(RunFiles):
             train=False,
             num_workers=self.cfg.data.num_workers,
             seed=self.cfg.train.seed,
+            shard=(self.dist.rank, self.dist.world_size),
         )
 
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict[str, float]:
         """COCO metrics (``AP``, ``AP50``, ...) and validation losses of the evaluated model
-        (the EMA when enabled) on the validation set."""
+        (the EMA when enabled) on the validation set. In a multi-process run every process
+        must call it: each evaluates its shard, the main process scores them all and returns
+        the metrics, the others return ``{}``."""
         from detrkit.engine.evaluation import CocoEvaluator
 
         evaluator = CocoEvaluator(self.val_dataset.annotations_file, self.label_map)
@@ -228,7 +238,8 @@ class Trainer(RunFiles):
             self.device,
             amp=self.cfg.train.amp,
             criterion=self.criterion,
-            progress=self.progress,
+            progress=self.progress and self.dist.is_main,
+            gather=partial(gather_to_main, info=self.dist) if self.dist.enabled else None,
         )
 
     # ------------------------------------------------------------------ training
@@ -257,7 +268,14 @@ class Trainer(RunFiles):
             shutdown(self.dist)
         last = self.output_dir / LAST
         return FitResult(
-            self.output_dir, self.epoch, self.best_ap, last, best_path, history, stopped
+            self.output_dir,
+            self.epoch,
+            self.best_ap,
+            last,
+            best_path,
+            history,
+            stopped,
+            self.dist.is_main,
         )
 
     def _early_stop(self, row: dict) -> str | None:
@@ -299,7 +317,7 @@ class Trainer(RunFiles):
 
     def _run_epoch(self, epoch: int) -> dict:
         """Train epoch ``epoch`` (1-based; from the stored position when it was interrupted),
-        evaluate when it is due (main process only); returns the epoch's ``metrics.jsonl``
+        evaluate when it is due (every process its shard); returns the epoch's ``metrics.jsonl``
         row."""
         cfg, main = self.cfg.train, self.dist.is_main
         begin = time.perf_counter()
@@ -332,8 +350,9 @@ class Trainer(RunFiles):
                 self.save(LAST, with_state=True, position=start)
             raise TrainingDiverged(f"{err} (last good weights: {self.output_dir / LAST})") from None
         self.epoch = epoch
+        train_stats = _merge_train_stats(gather_to_main(train_stats, self.dist))
         eval_stats: dict[str, float] = {}
-        if main and (epoch % max(1, cfg.eval_every) == 0 or epoch == cfg.epochs):
+        if epoch % max(1, cfg.eval_every) == 0 or epoch == cfg.epochs:
             eval_stats = self.evaluate()
         return {
             "epoch": epoch,
@@ -360,3 +379,14 @@ class Trainer(RunFiles):
         self.save(LAST, with_state=True)
         self.log.report(row)
         return best_path
+
+
+def _merge_train_stats(rows: list[dict[str, float]] | None) -> dict[str, float]:
+    """One epoch row from every process's training means (main process; ``{}`` elsewhere):
+    the mean of each value, except throughput, which adds up."""
+    if not rows:
+        return {}
+    merged = {key: sum(row[key] for row in rows) / len(rows) for key in rows[0]}
+    if "images_per_s" in merged:
+        merged["images_per_s"] *= len(rows)
+    return merged
