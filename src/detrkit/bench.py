@@ -279,13 +279,17 @@ def _backends(requested: str | None, device: torch.device) -> list[str]:
     """The backends to time, ``reference`` first: ``requested`` or every usable one."""
     from detrkit.ops.msda import available_backends
 
+    order = ("reference", "gather", "sparse", "triton")
     if device.type == "cuda":
-        usable = available_backends()
+        usable = [b for b in available_backends() if b in ("reference", "triton")]
     else:  # triton runs on CPU tensors only in the interpreter (TRITON_INTERPRET=1)
         interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-        usable = available_backends() if interpret else ["reference"]
-    backends = _split(requested, ("reference", "triton"), "backend") if requested else usable
-    return sorted(set(backends), key=("reference", "triton").index)
+        usable = ["reference", "sparse"] + (["triton"] if interpret else [])
+        usable = [b for b in usable if b in available_backends()]
+    backends = _split(requested, order, "backend") if requested else usable
+    if device.type == "cuda" and "sparse" in backends:
+        raise SystemExit("the sparse backend runs on the CPU only; leave it out with --device cuda")
+    return sorted(set(backends), key=order.index)
 
 
 def _device_name(device: torch.device) -> str:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import detrkit.ops.msda.module as msda_module
+import detrkit.ops.msda.sparse as msda_sparse
 from detrkit.config import apply_overrides
 from detrkit.criterion.set_loss import build_criterion
 from detrkit.engine.loop import to_float32
@@ -156,7 +157,7 @@ class _Spy:
     def __init__(self, monkeypatch):
         self.calls: list[dict] = []
         self.grids: list[tuple[torch.dtype, torch.dtype]] = []
-        op, grid_sample = msda_module.ms_deform_attn, F.grid_sample
+        op, grid_sample, csr = msda_module.ms_deform_attn, F.grid_sample, msda_sparse._csr
 
         def spy_op(value, shapes, starts, locations, weights, backend="auto"):
             out = op(value, shapes, starts, locations, weights, backend=backend)
@@ -174,8 +175,13 @@ class _Spy:
             self.grids.append((value.dtype, grid.dtype))
             return grid_sample(value, grid, *args, **kwargs)
 
+        def spy_csr(crow, col, values, size):  # the sparse backend's sampling matrix
+            self.grids.append((values.dtype, values.dtype))
+            return csr(crow, col, values, size)
+
         monkeypatch.setattr(msda_module, "ms_deform_attn", spy_op)
         monkeypatch.setattr(F, "grid_sample", spy_grid_sample)
+        monkeypatch.setattr(msda_sparse, "_csr", spy_csr)
 
 
 def _references(model: nn.Module) -> tuple[list, list]:
@@ -204,7 +210,8 @@ def test_float32_islands_hold(name, monkeypatch):
     # the sampling op: float32 locations, weights, values and result, autocast off inside
     assert spy.calls and spy.grids
     assert all(c["dtypes"] == {torch.float32} and not c["autocast"] for c in spy.calls)
-    assert set(spy.grids) == {(torch.float32, torch.float32)}  # bilinear sampling
+    # bilinear sampling (grid_sample, or the sparse backend's weights)
+    assert set(spy.grids) == {(torch.float32, torch.float32)}
     # reference points / boxes of every layer and the predicted boxes
     _finite_float32(r for r in refs if r is not None)
     assert len(points) == len(spy.calls)

@@ -114,13 +114,18 @@ def test_half_precision_values_computed_in_float32(dtype):
 
 
 def test_dispatch_auto_and_reference_on_cpu():
+    from detrkit.ops.msda import ms_deform_attn_sparse
+
     value, shapes, loc, weights = make_inputs()
     expected = ms_deform_attn_reference(value, shapes, loc, weights)
-    assert torch.equal(ms_deform_attn(value, shapes, None, loc, weights), expected)
     assert torch.equal(
         ms_deform_attn(value, shapes, None, loc, weights, backend="reference"), expected
     )
-    assert "reference" in available_backends()
+    # auto picks the sparse product on the CPU
+    sparse = ms_deform_attn_sparse(value, shapes, loc, weights)
+    assert torch.equal(ms_deform_attn(value, shapes, None, loc, weights), sparse)
+    torch.testing.assert_close(sparse, expected, atol=1e-5, rtol=1e-5)
+    assert {"reference", "gather", "sparse"} <= set(available_backends())
 
 
 def test_dispatch_rejects_unknown_backend():
@@ -165,12 +170,15 @@ def test_benchmark_smoke_cpu(monkeypatch, capsys, tmp_path):
     assert out_json.exists()
 
 
+@pytest.mark.parametrize("backend", ["gather", "sparse"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_gather_backend_equals_the_reference_forward_and_backward(dtype):
-    """The gather-based bilinear sampling (the ONNX path without GridSample) is the same
-    operator: locations inside, on the border and outside the maps, several levels."""
-    from detrkit.ops.msda import ms_deform_attn_gather
+def test_backend_equals_the_reference_forward_and_backward(backend, dtype):
+    """The gather-based bilinear sampling (the ONNX path without GridSample) and the sparse
+    product (the CPU path) are the same operator: locations inside, on the border and outside
+    the maps, several levels."""
+    from detrkit.ops.msda import ms_deform_attn_gather, ms_deform_attn_sparse
 
+    implementation = {"gather": ms_deform_attn_gather, "sparse": ms_deform_attn_sparse}[backend]
     gen = torch.Generator().manual_seed(0)
     shapes = [(5, 7), (3, 3), (1, 2)]
     seq = sum(h * w for h, w in shapes)
@@ -179,12 +187,12 @@ def test_gather_backend_equals_the_reference_forward_and_backward(dtype):
     weights = torch.rand(2, 6, 2, 3, 3, generator=gen, dtype=dtype)
     grad_out = torch.randn(2, 6, 8, generator=gen, dtype=dtype)
     results = []
-    for fn in (ms_deform_attn_reference, ms_deform_attn_gather):
+    for fn in (ms_deform_attn_reference, implementation):
         inputs = [t.clone().requires_grad_() for t in (value, loc, weights)]
         out = fn(inputs[0], shapes, inputs[1], inputs[2])
         results.append((out, *torch.autograd.grad(out, inputs, grad_out)))
     tol = 1e-5 if dtype == torch.float32 else 1e-10
     for got, expected in zip(results[1], results[0]):
         torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
-    via_dispatch = ms_deform_attn(value, torch.tensor(shapes), None, loc, weights, "gather")
+    via_dispatch = ms_deform_attn(value, torch.tensor(shapes), None, loc, weights, backend)
     torch.testing.assert_close(via_dispatch, results[0][0].detach(), atol=tol, rtol=tol)

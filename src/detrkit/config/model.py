@@ -91,8 +91,9 @@ class TransformerConfig:
     num_feature_levels: int = 1  # 1 to 5; a level embedding is learned when > 1 or deformable
     enc_n_points: int = 4  # deformable: sampling points per head and level
     dec_n_points: int = 4
-    # deformable only; gather: bilinear gathers instead of grid_sample (exports at any opset)
-    msda_backend: Literal["auto", "reference", "gather", "triton"] = "auto"
+    # deformable only; auto: triton on CUDA, sparse on CPU; gather: bilinear gathers instead of
+    # grid_sample (exports at any opset); sparse: one sparse-dense product (CPU)
+    msda_backend: Literal["auto", "reference", "gather", "sparse", "triton"] = "auto"
     # DAB-DETR's conditional attention (global attention only): separate content / position
     # projections, and cross-attention keys and queries that concatenate, per head, content
     # with position (the sine embedding of the reference centre). Needs a reference.

@@ -14,7 +14,8 @@ Conventions (the ones of the original Deformable-DETR op):
 
 Backends: ``"reference"`` (pure PyTorch ``grid_sample``, any device, ONNX-exportable at opset
 >= 16), ``"gather"`` (the same bilinear sampling with explicit gathers: any device, exports at any
-opset without ``GridSample``) and ``"triton"`` (fused kernels for CUDA, a ``torch.library``
+opset without ``GridSample``), ``"sparse"`` (the sampling as one sparse-dense matrix product:
+the fast CPU path, chosen by ``"auto"`` on the CPU) and ``"triton"`` (fused kernels for CUDA, a ``torch.library``
 custom op ``detrkit::ms_deform_attn``).
 Triton is imported only when the triton backend is first used.
 """
@@ -28,9 +29,11 @@ from detrkit.ops.msda.dispatch import (
 )
 from detrkit.ops.msda.gather import ms_deform_attn_gather
 from detrkit.ops.msda.module import MSDeformAttn
+from detrkit.ops.msda.sparse import ms_deform_attn_sparse
 
 __all__ = [
     "ms_deform_attn_gather",
+    "ms_deform_attn_sparse",
     "Backend",
     "SpatialShapes",
     "available_backends",

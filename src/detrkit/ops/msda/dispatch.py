@@ -18,6 +18,8 @@ from detrkit.ops.msda.reference import (
     level_start_index_of,
     ms_deform_attn_reference,
 )
+from detrkit.ops.msda.sparse import ms_deform_attn_sparse
+from detrkit.ops.tracing import is_tracing
 
 __all__ = [
     "Backend",
@@ -27,8 +29,8 @@ __all__ = [
     "ms_deform_attn_reference",
 ]
 
-Backend = Literal["auto", "reference", "gather", "triton"]
-_BACKENDS = ("auto", "reference", "gather", "triton")
+Backend = Literal["auto", "reference", "gather", "sparse", "triton"]
+_BACKENDS = ("auto", "reference", "gather", "sparse", "triton")
 
 # None: not tried yet; a module: imported; an exception: the import (or a first call) failed.
 _triton_state: ModuleType | BaseException | None = None
@@ -58,9 +60,10 @@ def _load_triton() -> ModuleType:
 
 
 def available_backends() -> list[str]:
-    """Backends usable in this process: always ``"reference"``; ``"triton"`` when Triton imports and
-    either CUDA is available or ``TRITON_INTERPRET=1`` (interpreter on CPU). May import triton."""
-    backends = ["reference"]
+    """Backends usable in this process: always ``"reference"``, ``"gather"`` and ``"sparse"`` (the
+    last for CPU tensors); ``"triton"`` when Triton imports and either CUDA is available or
+    ``TRITON_INTERPRET=1`` (interpreter on CPU). May import triton."""
+    backends = ["reference", "gather", "sparse"]
     if torch.cuda.is_available() or _interpret_requested():
         try:
             module = _load_triton()
@@ -97,10 +100,12 @@ def ms_deform_attn(
         sampling_locations: ``[B, Q, heads, L, P, 2]`` ``(x, y)`` normalised to ``[0, 1]`` per level.
         attention_weights: ``[B, Q, heads, L, P]``.
         backend: ``"reference"`` (PyTorch ``grid_sample``), ``"gather"`` (explicit bilinear
-            gathers: exports at any opset without ``GridSample``), ``"triton"`` (CUDA kernels; on CPU only
-            with ``TRITON_INTERPRET=1``) or ``"auto"``: triton for CUDA values in float32 / bfloat16 /
-            float16 when Triton imports and works, the reference otherwise; never fails for lack
-            of Triton.
+            gathers: exports at any opset without ``GridSample``), ``"sparse"`` (one sparse-dense
+            product, CPU tensors only), ``"triton"`` (CUDA kernels; on CPU only with
+            ``TRITON_INTERPRET=1``) or ``"auto"``: triton for CUDA values in float32 / bfloat16 /
+            float16 when Triton imports and works, sparse for CPU values in eager mode, the
+            reference otherwise (under ``torch.compile`` / ``torch.export`` on the CPU, and on
+            other devices); never fails for lack of Triton.
 
     Returns:
         ``[B, Q, heads * C]`` in the dtype of ``value``; computed in float32 (float64 for float64
@@ -114,11 +119,29 @@ def ms_deform_attn(
         )
     if backend == "gather":
         return ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
+    if backend == "sparse":
+        if value.device.type != "cpu":
+            raise RuntimeError(
+                f"backend='sparse' needs CPU tensors (value is on {value.device}); use 'auto'"
+            )
+        return ms_deform_attn_sparse(value, spatial_shapes, sampling_locations, attention_weights)
     if backend == "auto":
         return _auto(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
+    return _explicit_triton(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
 
+
+def _explicit_triton(
+    value: Tensor,
+    spatial_shapes: SpatialShapes,
+    level_start_index: Tensor | None,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """``backend="triton"``: the kernels, or an error saying why they cannot run here."""
     if not value.is_cuda and not _interpret_requested():
         raise _triton_on_cpu_error()
     module = _load_triton()
@@ -167,6 +190,8 @@ def _auto(
                     RuntimeWarning,
                     stacklevel=3,
                 )
+    if value.device.type == "cpu" and not is_tracing():
+        return ms_deform_attn_sparse(value, spatial_shapes, sampling_locations, attention_weights)
     return ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attention_weights)
 
 
