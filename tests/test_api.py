@@ -128,3 +128,40 @@ def test_bad_image_inputs_are_clear_errors(detector):
         detector.predict(torch.zeros(8, 8))
     with pytest.raises(TypeError, match="cannot read an image"):
         detector.predict(42)  # type: ignore[arg-type]
+
+
+def test_bf16_predict_runs_in_bf16_and_stays_close_to_fp32(shapes):
+    """precision="bf16" autocasts the forward (a linear layer sees bfloat16) and the detections
+    keep their float32 scores within bfloat16 rounding of a short forward."""
+    det = detrkit.Detector.from_preset(
+        "test_deformable_detr_tiny",
+        device="cpu",
+        data={"augment": {"val_scale": 64, "max_size": 96}},
+    )
+    _, images = shapes
+    reference = det.predict(images[0], threshold=0.0)[0]
+    seen = []
+    hook = det.model.transformer.decoder.layers[0].linear1.register_forward_hook(
+        lambda m, args, out: seen.append(out.dtype)
+    )
+    det.precision = "bf16"
+    try:
+        got = det.predict(images[0], threshold=0.0)[0]
+    finally:
+        hook.remove()
+        det.precision = "fp32"
+    assert seen == [torch.bfloat16]
+    assert got.scores.dtype == torch.float32 and len(got) == len(reference)
+    top_ref, top_got = (
+        reference.scores.sort(descending=True)[0],
+        got.scores.sort(descending=True)[0],
+    )
+    torch.testing.assert_close(top_got[:10], top_ref[:10], atol=0.02, rtol=0)
+
+
+def test_bad_precision_is_one_clear_error(detector):
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        detector.precision = "fp16"
+    with pytest.raises(ValueError, match="not one of"):
+        detector.precision = "int8"  # type: ignore[assignment]
+    assert detector.precision == "fp32"

@@ -16,23 +16,26 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from detrkit.config import Config, ConfigError, apply_overrides, merge
+from detrkit.config import Config, ConfigError, apply_overrides, merge, merge_keywords
 from detrkit.pretrained import convert_checkpoint
 from detrkit.structures import LabelMap, Prediction
 
 if TYPE_CHECKING:  # pragma: no cover
     from detrkit.engine import FitResult
 
-__all__ = ["Detector", "Prediction", "ImageInput", "convert_checkpoint"]
+__all__ = ["Detector", "Prediction", "ImageInput", "Precision", "convert_checkpoint"]
 
 ImageInput = str | Path | Image.Image | np.ndarray | Tensor
+# the forward's precision in predict(): float32, or autocast to bfloat16 / float16 (CUDA)
+Precision = Literal["fp32", "bf16", "fp16"]
+_AMP = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -41,23 +44,14 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return device if isinstance(device, torch.device) else resolve_device(device)
 
 
-def _with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """Apply ``from_preset`` keyword overrides: a section (``model={...}``) merged as nested
-    dict, or a dotted key (``**{"train.lr": 1e-4}``)."""
-    for key, value in overrides.items():
-        nested: Any = value
-        for part in reversed(key.split(".")):
-            nested = {part: nested}
-        cfg = merge(cfg, nested)
-    return cfg
-
-
 class Detector:
     """A detection model with its config and label map, ready to predict.
 
     model: the :class:`detrkit.models.DetectionModel` module (in eval mode on ``device``).
     config: the resolved :class:`~detrkit.config.Config`. label_map: class index -> dataset
-    category id -> name (default: ``class_0 ..``).
+    category id -> name (default: ``class_0 ..``). precision: of :meth:`predict`'s forward,
+    ``fp32`` or autocast ``bf16`` (CPU, CUDA) / ``fp16`` (CUDA); the sampling and box
+    arithmetic stay float32 either way (see ``docs/speed.md`` for the measured tolerance).
     """
 
     def __init__(
@@ -66,9 +60,11 @@ class Detector:
         config: Config,
         label_map: LabelMap | None = None,
         device: str | torch.device = "auto",
+        precision: Precision = "fp32",
     ) -> None:
         self.device = _resolve_device(device)
         self._attach(model, config, label_map)
+        self.precision = precision
         # whether the class count was chosen (False: train() takes the data's)
         self._classes_chosen = True
 
@@ -87,6 +83,20 @@ class Detector:
         self.postprocessor = build_postprocessor(config)
         d = config.data
         self._transforms = build_transforms(d.augment, d.mean, d.std, train=False)
+
+    @property
+    def precision(self) -> Precision:
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: Precision) -> None:
+        if value not in _AMP:
+            raise ValueError(f"precision: '{value}' is not one of {list(_AMP)}")
+        if value == "fp16" and self.device.type != "cuda":
+            raise ValueError(f"precision: fp16 needs a CUDA device; use bf16 on {self.device.type}")
+        if value != "fp32" and not isinstance(self.model, nn.Module):
+            raise ValueError("precision: an exported model runs in the precision it was saved in")
+        self._precision = value
 
     # ------------------------------------------------------------------ constructors
 
@@ -111,14 +121,19 @@ class Detector:
         cfg = get_preset(name)
         if num_classes is not None:
             cfg = merge(cfg, {"model": {"num_classes": num_classes}})
-        cfg = _with_overrides(cfg, overrides).validate()
+        cfg = merge_keywords(cfg, overrides).validate()
         detector = cls(build_model(cfg), cfg, LabelMap.default(cfg.model.num_classes), device)
         detector._classes_chosen = num_classes is not None
         return detector
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str | torch.device = "auto", *, overrides: Sequence[str] = ()
+        cls,
+        path: str | Path,
+        device: str | torch.device = "auto",
+        *,
+        overrides: Sequence[str] = (),
+        precision: Precision = "fp32",
     ) -> Detector:
         """Load a detrkit checkpoint (``<stem>.safetensors`` + ``<stem>.json``; ``path`` may
         be the stem or either file). overrides: ``a.b=c`` strings applied to its config
@@ -131,7 +146,7 @@ class Detector:
             cfg = apply_overrides(stored, list(overrides)).validate()
             if cfg.model != stored.model:
                 raise ConfigError("overrides: model.* cannot change when loading a checkpoint")
-        return cls(model, cfg, label_map, device)
+        return cls(model, cfg, label_map, device, precision)
 
     @classmethod
     def from_official(
@@ -238,28 +253,9 @@ class Detector:
     def read_image(image: ImageInput) -> Image.Image | Tensor:
         """``image`` in a form the transforms accept: a path is read as RGB PIL, a numpy
         ``HWC`` array becomes a PIL image, PIL images and ``CHW`` tensors pass through."""
-        if isinstance(image, (str, Path)):
-            from detrkit.data.images import read_image
+        from detrkit.data.images import as_image
 
-            return read_image(image)
-        if isinstance(image, Image.Image):
-            return image.convert("RGB")
-        if isinstance(image, np.ndarray):
-            if image.ndim == 2:
-                image = np.repeat(image[:, :, None], 3, axis=2)
-            if image.ndim != 3 or image.shape[2] not in (3, 4):
-                raise ValueError(f"expected an HWC RGB array, got shape {image.shape}")
-            if image.dtype != np.uint8:
-                raise ValueError(f"expected a uint8 HWC array, got dtype {image.dtype}")
-            return Image.fromarray(np.ascontiguousarray(image[:, :, :3]))
-        if isinstance(image, Tensor):
-            if image.ndim != 3 or image.shape[0] != 3:
-                raise ValueError(f"expected a [3,H,W] tensor, got {tuple(image.shape)}")
-            return image if image.dtype == torch.uint8 else image.float()
-        raise TypeError(
-            f"cannot read an image from {type(image).__name__}; pass a path, a PIL "
-            "image, an HWC uint8 array or a CHW tensor"
-        )
+        return as_image(image)
 
     @torch.no_grad()
     def predict(
@@ -272,6 +268,7 @@ class Detector:
         """Detect objects in one image or a list of images; one :class:`Prediction` per image
         (always a list), keeping detections with ``score >= threshold``."""
         from detrkit.data.collate import images_to_batch
+        from detrkit.engine.precision import autocast, to_float32
 
         items = [images] if not isinstance(images, (list, tuple)) else list(images)
         predictions: list[Prediction] = []
@@ -280,7 +277,8 @@ class Detector:
             sizes = [_size_hw(im) for im in chunk]
             tensors = [self._preprocess(im) for im in chunk]
             batch = images_to_batch(tensors, orig_sizes=sizes).to(self.device)
-            outputs = self.model(batch.images, batch.mask)
+            with autocast(self.device, _AMP[self._precision]):  # type: ignore[arg-type]
+                outputs = to_float32(self.model(batch.images, batch.mask))
             detections = self.postprocessor(outputs, batch.orig_sizes)
             for det, size in zip(detections, sizes):
                 det = det.filter(threshold)

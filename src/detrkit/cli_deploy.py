@@ -27,7 +27,7 @@ def _detector(args: argparse.Namespace):
             return Detector.from_onnx(path, args.runtime)
     stem = checkpoint_path(args.checkpoint)
     with reading(stem):
-        return Detector.from_checkpoint(stem, device=args.device)
+        return Detector.from_checkpoint(stem, device=args.device, precision=args.precision)
 
 
 def _check_tiling(args: argparse.Namespace) -> None:
@@ -99,6 +99,9 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--threshold", type=float, default=0.5, help="minimum score (0.5)")
     p.add_argument("--device", default="auto", help="for --checkpoint (--onnx runs on the CPU)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="for --checkpoint: the forward in float32, or autocast to bfloat16 "
+                   "(CPU, CUDA) / float16 (CUDA) (fp32)")  # fmt: skip
     tiling = p.add_argument_group("sliced inference (large images)")
     tiling.add_argument("--tile", type=int, metavar="SIZE",
                         help="detect on SIZE x SIZE tiles of each image, then merge")  # fmt: skip

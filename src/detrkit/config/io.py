@@ -22,6 +22,7 @@ __all__ = [
     "from_dict",
     "to_dict",
     "merge",
+    "merge_keywords",
     "apply_overrides",
     "read_config_file",
     "save_config",
@@ -149,6 +150,17 @@ def merge(base: Any, data: dict, prefix: str = "") -> Any:
         else:
             updates[k] = coerce(v, hints[k], key)
     return dataclasses.replace(base, **updates)
+
+
+def merge_keywords(cfg: Any, overrides: dict[str, Any]) -> Any:
+    """Apply keyword overrides: a section (``model={...}``) merged as a nested dict, or a
+    dotted key (``**{"train.lr": 1e-4}``)."""
+    for key, value in overrides.items():
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        cfg = merge(cfg, nested)
+    return cfg
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:

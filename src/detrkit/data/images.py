@@ -19,11 +19,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
+from torch import Tensor
 
 from detrkit.data.errors import DatasetError
 
-__all__ = ["read_image", "read_image_size", "to_rgb8"]
+__all__ = ["as_image", "read_image", "read_image_size", "to_rgb8"]
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -84,3 +86,29 @@ def to_rgb8(image: Image.Image) -> Image.Image:
         # by PIL first
         return image.convert("RGBA" if mode != "RGBA" else mode).convert("RGB")
     return image.convert("RGB")
+
+
+def as_image(image: str | Path | Image.Image | np.ndarray | Tensor) -> Image.Image | Tensor:
+    """``image`` in a form the transforms accept: a path is read as RGB PIL, a numpy ``HWC``
+    uint8 array (or ``HW`` grey) becomes a PIL image, PIL images become RGB, ``CHW`` tensors
+    pass through (uint8, or float 0..1)."""
+    if isinstance(image, (str, Path)):
+        return read_image(image)
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise ValueError(f"expected an HWC RGB array, got shape {image.shape}")
+        if image.dtype != np.uint8:
+            raise ValueError(f"expected a uint8 HWC array, got dtype {image.dtype}")
+        return Image.fromarray(np.ascontiguousarray(image[:, :, :3]))
+    if isinstance(image, Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected a [3,H,W] tensor, got {tuple(image.shape)}")
+        return image if image.dtype == torch.uint8 else image.float()
+    raise TypeError(
+        f"cannot read an image from {type(image).__name__}; pass a path, a PIL "
+        "image, an HWC uint8 array or a CHW tensor"
+    )
