@@ -12,10 +12,13 @@ Conventions used everywhere in detrkit:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    import supervision
 
 __all__ = [
     "ImageBatch",
@@ -259,3 +262,31 @@ class Prediction:
                 }
             )
         return out
+
+    def to_supervision(self) -> supervision.Detections:
+        """The detections as a ``supervision.Detections`` (extra ``supervision``), for its
+        annotators and trackers: ``xyxy`` ``[K, 4]`` absolute pixels, ``confidence`` ``[K]``,
+        ``class_id`` ``[K]`` (the contiguous class indices), ``data["class_name"]`` (the names
+        its label annotator shows) and ``data["category_id"]`` (the dataset's ids), as numpy
+        copies with the tensors' dtypes. Raises ImportError naming the extra without it."""
+        try:
+            import supervision as sv
+        except ImportError:
+            raise ImportError(
+                "Prediction.to_supervision needs the supervision package: "
+                'pip install "detrkit[supervision]"'
+            ) from None
+        import numpy as np
+
+        def array(t: Tensor) -> np.ndarray:
+            return t.detach().cpu().numpy().copy()
+
+        return sv.Detections(
+            xyxy=array(self.boxes_xyxy).reshape(-1, 4),
+            confidence=array(self.scores),
+            class_id=array(self.labels),
+            data={
+                "class_name": np.array(self.names, dtype=str),
+                "category_id": np.array(self.category_ids, dtype=np.int64),
+            },
+        )

@@ -184,6 +184,10 @@ class TrainConfig:
         False  # TensorBoard scalars in <output_dir>/tensorboard (extra: tensorboard)
     )
     max_steps_per_epoch: int | None = None
+    # DN-DETR's matching instability: after every epoch, match the first N training images
+    # (no augmentation) and count the objects whose query changed; written to metrics.jsonl
+    # as "matching_instability" (detrkit.engine.instability); null: off
+    log_matching_instability: int | None = None
 
 
 @dataclass

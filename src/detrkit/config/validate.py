@@ -383,7 +383,7 @@ def check_train_steps(tr: TrainConfig) -> None:
         f"must be in [0, 1], got {tr.lr_min_ratio}",
     )
     require(tr.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {tr.max_bad_steps}")
-    for key in ("patience", "checkpoint_every_steps"):
+    for key in ("patience", "checkpoint_every_steps", "log_matching_instability"):
         value = getattr(tr, key)
         require(value is None or value >= 1, f"train.{key}", f"must be >= 1 or null, got {value}")
     ema = tr.ema

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from detrkit.data.errors import DatasetError
 
-__all__ = ["as_image", "read_image", "read_image_size", "to_rgb8"]
+__all__ = ["as_image", "image_size_hw", "read_image", "read_image_size", "to_rgb8"]
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -112,3 +112,10 @@ def as_image(image: str | Path | Image.Image | np.ndarray | Tensor) -> Image.Ima
         f"cannot read an image from {type(image).__name__}; pass a path, a PIL "
         "image, an HWC uint8 array or a CHW tensor"
     )
+
+
+def image_size_hw(image: Image.Image | Tensor) -> tuple[int, int]:
+    """``(height, width)`` of a PIL image or a ``[..., H, W]`` tensor."""
+    if isinstance(image, Tensor):
+        return int(image.shape[-2]), int(image.shape[-1])
+    return image.height, image.width

@@ -162,8 +162,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     Four panels, per epoch: the training loss (the weighted total bold, with the last
     decoder layer's terms ``loss_ce``, ``loss_bbox``, ``loss_giou``, ... thin), the validation
     loss (with the training total for comparison), ``AP`` / ``AP50`` of the evaluation epochs
-    (the best one marked) and the learning rates. A panel without data says so ("no
-    evaluation in this run"). Works on a run still in progress and on one epoch.
+    (the best one marked) and the learning rates; a run with ``matching_instability`` rows
+    (``train.log_matching_instability``) gets a third row for it. A panel without data says
+    so ("no evaluation in this run"). Works on a run still in progress and on one epoch.
 
     Raises FileNotFoundError (no folder, no ``metrics.jsonl``), :class:`MetricsError`
     (a malformed line, no epoch yet), ImportError naming the extra when matplotlib is
@@ -190,8 +191,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             f"use one of {', '.join('.' + f for f in sorted(formats))}"
         )
     epochs = _epochs(rows)
-    axes = fig.subplots(2, 2)
-    _draw_panels(axes.flat, epochs, rows)
+    unstable = [_section(row, "matching_instability") for row in rows]
+    axes = fig.subplots(3 if any(unstable) else 2, 2)
+    if any(unstable):  # the matching instability, fraction and counts
+        from detrkit.engine.instability import draw_instability
+
+        fig.set_size_inches(12, 11)
+        draw_instability(axes[2], epochs, unstable)
+    _draw_panels(axes[:2].flat, epochs, rows)
     lo, hi = min(epochs), max(epochs)
     margin = 0.5 if hi - lo < 1 else 0.04 * (hi - lo)
     for ax in axes.flat:  # the same epochs on every panel, integer ticks

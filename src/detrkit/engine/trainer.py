@@ -5,6 +5,7 @@ What a run writes into ``cfg.train.output_dir``:
 * ``config.yaml``: the resolved config (load it again with ``detrkit train --config``);
 * ``metrics.jsonl``: one JSON object per epoch: ``epoch``, learning rates, ``train`` (mean
   loss terms), ``eval`` (COCO metrics and validation losses, on evaluation epochs), ``time_s``;
+  with ``train.log_matching_instability``, ``matching_instability`` (:mod:`.instability`);
 * ``checkpoint_last.{safetensors,json}`` after every epoch (and every
   ``train.checkpoint_every_steps`` optimiser steps), with ``checkpoint_last.train.pt``
   (optimiser, scaler, EMA, RNG, epoch, step, position in the epoch) for ``fit(resume=...)``;
@@ -43,6 +44,7 @@ from detrkit.engine.distributed import (
 )
 from detrkit.engine.ema import ModelEma
 from detrkit.engine.guard import NonFiniteGuard, TrainingDiverged
+from detrkit.engine.instability import build_instability
 from detrkit.engine.loop import EpochPosition, StepHooks, evaluate, train_one_epoch
 from detrkit.engine.optim import (
     LrSchedule,
@@ -133,6 +135,7 @@ class Trainer(RunFiles):
         self.criterion = build_criterion(cfg).to(self.device)
         self.postprocessor = build_postprocessor(cfg)
         self._build_optimisation(cfg)
+        self.instability = build_instability(cfg, self.train_dataset, self.criterion.matcher)
 
     def _build_optimisation(self, cfg: Config) -> None:
         """Optimiser, scaler, EMA, guard, schedule and the run's counters."""
@@ -304,6 +307,8 @@ class Trainer(RunFiles):
         if self.dist.is_main:
             self.log.open(fresh=resume is None)
             save_config(self.cfg, self.output_dir / "config.yaml")
+            if self.instability is not None and self._start.batches == 0:  # the baseline
+                self.instability.record(self.model, self.device)
 
     def _after_step(self, position: EpochPosition, taken: bool) -> None:
         """After every optimiser step: the EMA, and a mid-epoch checkpoint when it is due."""
@@ -367,6 +372,8 @@ class Trainer(RunFiles):
         """Record ``row`` (``metrics.jsonl``, TensorBoard), save ``checkpoint_best`` when the
         AP improved and ``checkpoint_last``, report the epoch; returns the new best
         checkpoint, if any."""
+        if self.instability is not None:  # the main process alone measures it
+            row.update(self.instability.record(self.model, self.device))
         self.log.record(row)
         best_path = None
         ap = row["eval"].get("AP")

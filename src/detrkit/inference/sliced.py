@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms, box_iou
 
+from detrkit.data.images import image_size_hw
 from detrkit.data.tiles import tile_windows
 
 if TYPE_CHECKING:  # the api layer sits above this one: typing only
@@ -94,12 +95,6 @@ def _crop(image: Any, window: tuple[int, int, int, int]) -> Any:
     return image.crop(window)
 
 
-def _size_hw(image: Any) -> tuple[int, int]:
-    if isinstance(image, Tensor):
-        return int(image.shape[-2]), int(image.shape[-1])
-    return image.height, image.width
-
-
 def _check_args(tile: int, overlap: float, merge: str, batch_size: int) -> None:
     """One-line ``ValueError`` naming the bad argument of :func:`predict_sliced`."""
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
@@ -162,7 +157,7 @@ def predict_sliced(
     labels ``[K]``, and names / category ids as the detector gives them."""
     _check_args(tile, overlap, merge, batch_size)
     picture = detector.read_image(image)
-    height, width = _size_hw(picture)
+    height, width = image_size_hw(picture)
     windows = tile_windows(width, height, tile, overlap)
     crops = [_crop(picture, w) for w in windows]
     preds = list(detector.predict(crops, threshold=threshold, batch_size=batch_size))

@@ -72,6 +72,7 @@ def _targets(batch: int, classes: int, seed: int = 0) -> list[tuple[torch.Tensor
 def _detrkit_step(case: Case) -> Callable[[], object]:
     from detrkit.config import apply_overrides
     from detrkit.criterion.set_loss import build_criterion
+    from detrkit.inference.fold import inference_model
     from detrkit.models import build_model
     from detrkit.presets import get_preset
     from detrkit.structures import Target
@@ -83,12 +84,12 @@ def _detrkit_step(case: Case) -> Callable[[], object]:
     images = torch.randn(case.batch, 3, *case.size)
     mask = torch.zeros(case.batch, *case.size, dtype=torch.bool)
     autocast = torch.autocast("cpu", torch.bfloat16, enabled=case.precision == "bf16")
-    if case.task == "infer":
-        model.eval()
+    if case.task == "infer":  # what Detector.predict runs on the CPU (see inference.fold)
+        view = inference_model(model.eval(), channels_last=True)
 
         def infer() -> object:
             with torch.no_grad(), autocast:
-                return model(images, mask)
+                return view(images, mask)
 
         return infer
     criterion = build_criterion(cfg)
