@@ -32,6 +32,7 @@ from detrkit.cli_common import (
 )
 from detrkit.cli_data import add_check_data, add_convert_data
 from detrkit.cli_deploy import add_export, add_predict
+from detrkit.cli_explain import add_explain
 from detrkit.cli_run import add_plot
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -339,6 +340,7 @@ _SUBCOMMANDS = (
     _add_eval,
     add_predict,
     add_export,
+    add_explain,
     _add_presets,
     _add_convert,
     add_check_data,

@@ -110,5 +110,8 @@ def test_transformers_equivalent_matches_the_preset_in_size(preset):
 
     cfg = get_preset(preset)
     ours = sum(p.numel() for p in build_model(cfg).parameters())
-    theirs = sum(p.numel() for p in build_hf_model(preset, cfg.model.num_classes).parameters())
+    hf = build_hf_model(preset, cfg.model.num_classes)
+    theirs = sum(p.numel() for p in hf.parameters())
     assert abs(theirs - ours) / ours < 0.03, (ours, theirs)
+    # and the same training work: a loss on every decoder layer, as the preset's aux_loss
+    assert cfg.model.aux_loss and hf.config.auxiliary_loss

@@ -102,7 +102,7 @@ class ConditionalCrossAttention(nn.Module):
         if not query_pos_proj:
             self.qpos_proj = None
 
-    def _per_head_concat(self, a: Tensor, b: Tensor) -> Tensor:
+    def per_head_concat(self, a: Tensor, b: Tensor) -> Tensor:
         """``[B, N, d]`` twice -> ``[B, N, 2d]`` with head ``i`` = ``(a_i, b_i)``."""
         bsz, n, d = a.shape
         h = self.nheads
@@ -135,8 +135,8 @@ class ConditionalCrossAttention(nn.Module):
         if self.qpos_proj is not None:
             q_content = q_content + self.qpos_proj(query_pos)
             k_content = k_content + k_pos
-        q = self._per_head_concat(q_content, self.qpos_sine_proj(query_sine))  # [B, N, 2d]
-        k = self._per_head_concat(k_content, k_pos)  # [B, S, 2d]
+        q = self.per_head_concat(q_content, self.qpos_sine_proj(query_sine))  # [B, N, 2d]
+        k = self.per_head_concat(k_content, k_pos)  # [B, S, 2d]
         out = multi_head_attention(
             q,
             k,

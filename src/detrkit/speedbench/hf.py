@@ -64,7 +64,12 @@ def build_hf_model(preset: str, num_classes: int) -> nn.Module:
             f"no transformers equivalent of {preset!r}; known: {sorted(HF_EQUIVALENTS)}"
         )
     kind, fields = HF_EQUIVALENTS[preset]
-    common = dict(use_pretrained_backbone=False, use_timm_backbone=False, num_labels=num_classes)
+    common = dict(
+        use_pretrained_backbone=False,
+        use_timm_backbone=False,
+        num_labels=num_classes,
+        auxiliary_loss=True,  # as the presets (and the papers' recipes): a loss per decoder layer
+    )
     if kind == "detr":
         config = transformers.DetrConfig(backbone_config=_resnet50(["stage4"]), **common, **fields)
         return transformers.DetrForObjectDetection(config)

@@ -158,7 +158,9 @@ class MSDeformAttn(nn.Module):
         attention_weights = F.softmax(attention_logits, -1).view(
             batch, len_q, self.nheads, self.n_levels, self.n_points
         )
-        sampling_locations = self._locations(reference_points, sampling_offsets, spatial_shapes)
+        sampling_locations = self.sampling_locations(
+            reference_points, sampling_offsets, spatial_shapes
+        )
         return ms_deform_attn(
             value,
             spatial_shapes,
@@ -168,7 +170,7 @@ class MSDeformAttn(nn.Module):
             backend=self.backend,
         )
 
-    def _locations(
+    def sampling_locations(
         self, reference_points: Tensor, offsets: Tensor, spatial_shapes: SpatialShapes
     ) -> Tensor:
         """Sampling locations ``[B, Q, heads, L, P, 2]``: the reference plus the offsets, in
