@@ -7,7 +7,7 @@
     detrkit export --checkpoint runs/tiny/checkpoint_best --out model.onnx
     detrkit presets | convert SRC DST | check-data --images DIR --annotations FILE
     detrkit check-data --dataset PATH [--format auto] | convert-data SRC --to yolo --out DIR
-    detrkit bench speed|msda|export [...] | demo [--out DIR]
+    detrkit bench speed|msda|export|ablation [...] | demo [--out DIR]
 
 A mistake of the user (a bad config key or value, an unknown preset, a missing file, a broken
 dataset) is reported as one line ``detrkit: error: ...`` on stderr with exit status 2.
@@ -223,6 +223,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from detrkit.export.speed import run_export_benchmark
 
         return run_export_benchmark(list(args.args))
+    if args.what == "ablation":
+        from detrkit.ablation import run_ablation_benchmark
+
+        return run_ablation_benchmark(list(args.args))
     if args.what == "speed":
         from detrkit.speedbench import run_speed_benchmark
 
@@ -312,7 +316,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "bench",
         help="benchmarks ('bench speed --help', 'bench msda --help', 'bench export --help')",
     )
-    p.add_argument("what", choices=["speed", "msda", "export"])
+    p.add_argument("what", choices=["speed", "msda", "export", "ablation"])
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     p.set_defaults(func=_cmd_bench)
 
